@@ -1,0 +1,105 @@
+"""Defaults shared by the recipes: the official main_dino.py / main_swav.py defaults, one place each."""
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_defaults():
+  """main_dino.py defaults (ViT-S/16, 100 epochs). Recipes override what their command line changes."""
+  c = ml_collections.ConfigDict()
+  c.method = "dino"
+  c.seed = 0
+  c.epochs = 100
+  c.batch_size = 512            # global; the official default is 64 per GPU, the README runs use 8 GPUs
+  c.max_steps = None            # stop early (debugging); schedules still span `epochs`
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.block_each_step = False     # True only for several fake CPU devices (they deadlock on 2 cores otherwise)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "vit_small"
+  c.model.patch_size = 16
+  c.model.drop_path_rate = 0.1
+  c.model.out_dim = 65536
+  c.model.norm_last_layer = True
+  c.model.use_bn_in_head = False
+  c.model.head_nlayers = 3
+  c.model.head_hidden_dim = 2048
+  c.model.head_bottleneck_dim = 256
+  c.model.dtype = "bfloat16"    # compute dtype; parameters, softmax, loss and centre are float32
+  c.model.overrides = ml_collections.ConfigDict()  # e.g. {'depth': 4} to shrink a ViT for CPU runs
+
+  c.teacher_momentum = 0.996    # cosine to 1 per iteration; 0.9995 recommended for batch 256
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.student_temp = 0.1
+  c.loss.warmup_teacher_temp = 0.04
+  c.loss.teacher_temp = 0.04
+  c.loss.warmup_teacher_temp_epochs = 0
+  c.loss.center_momentum = 0.9
+  c.loss.centering = "center"   # or 'sinkhorn' (DINOv2)
+  c.loss.sinkhorn_iters = 3
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"        # 'adamw' (ViT), 'sgd' or 'lars' (ResNet)
+  c.optim.lr = 5e-4             # at batch 256; scaled linearly with the global batch
+  c.optim.lr_scaling = True
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 10
+  c.optim.start_warmup = 0.0
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.4
+  c.optim.clip_grad = 3.0       # per tensor; 0 disables
+  c.optim.freeze_last_layer = 1  # epochs
+  c.optim.momentum = 0.9        # sgd / lars
+
+  c.crops = ml_collections.ConfigDict()
+  c.crops.global_size = 224
+  c.crops.global_number = 2
+  c.crops.global_scale = (0.4, 1.0)
+  c.crops.local_size = 96
+  c.crops.local_number = 8
+  c.crops.local_scale = (0.05, 0.4)
+  c.crops.interpolation = "bicubic"
+  c.crops.flip = True
+
+  c.aug = ml_collections.ConfigDict()
+  c.aug.jitter = (0.4, 0.4, 0.2, 0.1)
+  c.aug.jitter_p = 0.8
+  c.aug.gray_p = 0.2
+  c.aug.blur_p_global = (1.0, 0.1)
+  c.aug.blur_p_local = 0.5
+  c.aug.blur_sigma = (0.1, 2.0)
+  c.aug.solarize_p_global = (0.0, 0.2)
+  c.aug.solarize_p_local = 0.0
+  c.aug.mean = IMAGENET_MEAN
+  c.aug.std = IMAGENET_STD
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = ml_collections.config_dict.placeholder(str)  # e.g. 'imagefolder:/data/imagenet/train'
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.num_workers = 10
+  c.data.on_bad_image = "skip"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.train_source = ml_collections.config_dict.placeholder(str)
+  c.eval.test_source = ml_collections.config_dict.placeholder(str)
+  c.eval.image_size = 224
+  c.eval.resize_size = 256
+  c.eval.batch_size = 256
+  c.eval.knn_k = (10, 20, 100, 200)
+  c.eval.knn_temperature = 0.07
+  c.eval.compare_random_init = False
+  return c
+
+
+def imagenet_paths(c, arg):
+  """`--config=configs/x.py:/data/imagenet` points training at <dir>/train and the k-NN at <dir>/{train,val}."""
+  if arg:
+    root = arg.rstrip("/")
+    c.data.source = f"imagefolder:{root}/train"
+    c.eval.train_source = f"imagefolder:{root}/train"
+    c.eval.test_source = f"imagefolder:{root}/val"
+  return c

@@ -1,0 +1,173 @@
+r"""Train DINO (or SwAV) from a config file.
+
+  python -m dino_jax.train --config=configs/quickstart.py --workdir=runs/quickstart [--config.key=value ...]
+
+The run resumes automatically from the latest checkpoint in --workdir. Metrics go to <workdir>/metrics.jsonl, the
+k-NN evaluation at the end to <workdir>/eval.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from dino_jax import checkpoint as ckpt_lib
+from dino_jax import optim, sharding, steps
+from dino_jax.data import pipeline, sources
+from dino_jax.state import graphdef_of, make_init_fn
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class _Stop:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handler)
+
+  def _handler(self, signum, frame):
+    if self.requested:  # second Ctrl-C: give up at once
+      raise KeyboardInterrupt
+    self.requested = True
+    logging.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) training, then the k-NN evaluation. Returns the final metrics and evaluation results."""
+  # ============ set-up: processes, mesh, workdir ============
+  sharding.maybe_initialize_distributed()
+  mesh = sharding.make_mesh()
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices")
+
+  # ============ input pipeline ============
+  source = sources.get_source(config.data.source, data_dir=config.data.get("data_dir"))
+  steps_per_epoch = pipeline.steps_per_epoch(source, config, jax.process_count())
+  total_steps = config.epochs * steps_per_epoch
+  stop_at = min(total_steps, config.get("max_steps") or total_steps)
+  train_ds = pipeline.make_train_dataset(source, config, seed=config.seed, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  data_iter = iter(train_ds)
+
+  # ============ model, optimiser, schedules ============
+  schedules = optim.make_schedules(config, steps_per_epoch)
+  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, steps_per_epoch))
+  graphdef = graphdef_of(config)
+  init = make_init_fn(config, tx)
+
+  # ============ state: shapes -> shardings -> jitted init (or restore) ============
+  abstract = jax.eval_shape(init)
+  state_sh = sharding.state_shardings(mesh, abstract)
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                     every_steps=config.get("checkpoint_every_steps", steps_per_epoch),
+                                     keep=config.get("keep_checkpoints", 2))
+  abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  state = checkpoints.restore(abstract_sh, data_iterator=data_iter, config=config)
+  if state is None:
+    state = jax.jit(init, out_shardings=state_sh)()
+    start = 0
+  else:
+    start = int(jax.device_get(state.step))
+  if is_main:
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info("%s: %d parameters, %d steps/epoch, %d epochs, %s", config.model.arch, n_params,
+                 steps_per_epoch, config.epochs, "resumed at step %d" % start if start else "from scratch")
+
+  # ============ the update step ============
+  train_step = jax.jit(
+      steps.make_train_step(config, graphdef=graphdef, tx=tx, schedules=schedules, steps_per_epoch=steps_per_epoch),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  # ============ training loop ============
+  log_every = config.get("log_every_steps", 10)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  stop = _Stop()
+  last = {}
+  bar = tqdm(total=stop_at, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  t0, n0 = time.perf_counter(), start
+  step = start
+  try:
+    while step < stop_at:
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      bar.update(1)
+      if config.get("block_each_step", False):  # several fake CPU devices deadlock without it (see tests)
+        jax.block_until_ready(state)
+      done = step == stop_at or stop.requested
+      if step % log_every == 0 or done:
+        metrics = jax.device_get(metrics)
+        bad = int(jax.device_get(state.nonfinite_step))
+        now = time.perf_counter()
+        rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
+        t0, n0 = now, step
+        last = {"step": step, "epoch": step / steps_per_epoch, "img_per_sec": rate,
+                **{k: float(v) for k, v in metrics.items()}}
+        if is_main:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+          bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{rate:.0f}")
+        if bad >= 0:
+          raise NonFiniteLoss(
+              f"loss is not finite at step {bad} (epoch {bad // steps_per_epoch}); the state was frozen at its last "
+              f"finite value and the run stops. Last metrics: {last}. Lower the lr, raise the teacher temperature "
+              f"warm-up, or set model.dtype=float32.")
+      checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)
+      if stop.requested:
+        break
+  finally:
+    bar.close()
+    checkpoints.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  if stop.requested and step < stop_at:
+    logging.warning("stopped at step %d on request; rerun the same command to resume", step)
+    return {"train": last, "stopped_at": step}
+
+  # ============ evaluation ============
+  results = {"train": last}
+  if config.get("eval") and config.eval.get("test_source"):
+    from dino_jax.evaluate import run as eval_run  # noqa: PLC0415 (keeps training start-up light)
+    results["eval"] = eval_run.evaluate_state(config, state, mesh=mesh, compare_random_init=config.eval.get(
+        "compare_random_init", False))
+    if is_main:
+      with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(results["eval"], f, indent=2)
+      print(eval_run.format_results(results["eval"]))
+  return results
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteLoss as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
