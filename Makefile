@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine:
+#   make quickstart   venv + install + train DINO on the embedded digits dataset + k-NN evaluation
+#   make test         venv with the dev requirements + pytest
+# GPU: `make JAX=cuda12 quickstart` (or cuda13) installs jax[cuda12] instead of the CPU jax.
+
+PYTHON ?= python3
+VENV ?= .venv
+JAX ?= cpu
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+WORKDIR ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: venv install install-dev quickstart test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# jax[cuda12] pulls the CUDA plugin; requirements.txt then finds jax already satisfied.
+install: $(VENV)/bin/python
+	@if [ "$(JAX)" != "cpu" ]; then $(PIP) install -q "jax[$(JAX)]>=0.10.2,<0.13"; fi
+	$(PIP) install -q -r requirements.txt
+
+install-dev: $(VENV)/bin/python
+	@if [ "$(JAX)" != "cpu" ]; then $(PIP) install -q "jax[$(JAX)]>=0.10.2,<0.13"; fi
+	$(PIP) install -q -r requirements-dev.txt
+
+quickstart: install
+	$(PY) -m dino_jax.train --config=configs/quickstart.py --workdir=$(WORKDIR)
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
