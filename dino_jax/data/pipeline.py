@@ -1,0 +1,195 @@
+"""grain pipelines: the infinite multi-crop training stream and the one-pass evaluation stream.
+
+Training order, like the official `DistributedSampler(shuffle=True)` + `DataLoader(drop_last=True)`:
+every epoch is a fresh permutation of the whole source (grain's `shuffle` folds the epoch into
+its seed); its first `steps_per_epoch * batch_size` elements are used and the rest dropped, so
+epochs line up with steps. Global step t reads stream positions [t*B, (t+1)*B); JAX process p
+takes the positions p, p + P, p + 2P, ... of that range, so processes read disjoint images and
+together cover the global batch.
+
+Every element is a pure function of (seed, stream position): same seed => same batches, and the
+grain iterator state (a position) is all a checkpoint needs to resume mid-epoch exactly. Save it
+with orbax next to the train state:
+
+    ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(iterator))
+    ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(iterator))
+
+Unreadable images (`config.data.on_bad_image`): 'fail' raises an error naming the file; 'skip'
+logs the path and deterministically substitutes the next stream position's image (crops still
+drawn from the original position's randomness); batches carry `skipped` [b] int32, the number of
+files replaced to fill each slot, so the trainer can sum and report them.
+"""
+import math
+import sys
+
+from absl import logging
+import grain
+import numpy as np
+
+from dino_jax.data import multicrop
+
+# More consecutive unreadable files than this means a broken dataset, not a few bad files.
+MAX_CONSECUTIVE_BAD = 16
+
+
+def _derived_seed(seed, purpose):
+  """A 32-bit seed for one random stage; different stages never share a stream."""
+  return int(np.random.SeedSequence([int(seed), purpose]).generate_state(1)[0])
+
+
+def steps_per_epoch(source, config, process_count=1):
+  """Full global batches in one pass over `source` (the official `drop_last=True`).
+
+  The official count is ceil(N / world) // per_gpu_batch, which pads the last process share with
+  repeated images; ours never repeats an image within an epoch and equals it whenever
+  world divides N (always on one process).
+  """
+  del process_count  # the global batch already accounts for the processes
+  steps = len(source) // int(config.batch_size)
+  if steps == 0:
+    raise ValueError(f'{source!r} has {len(source)} images, fewer than one global batch of '
+                     f'{config.batch_size}: lower config.batch_size')
+  return steps
+
+
+class _EpochStream(grain.MapDataset):
+  """Infinite stream over a shuffled source: epoch e's first `used` shuffled elements, e = 0, 1, ..."""
+
+  def __init__(self, shuffled, num_records, used):
+    super().__init__(shuffled)
+    self._num_records, self._used = num_records, used
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, offset = divmod(index, self._used)
+    # ShuffleMapDataset reads index // len as the epoch and reshuffles with seed + epoch.
+    return self._parent[epoch * self._num_records + offset]
+
+  def __str__(self):
+    return f'_EpochStream(used={self._used} of {self._num_records})'
+
+
+class _MultiCropStream(grain.MapDataset):
+  """Applies `MultiCrop` with an rng seeded by (seed, position); substitutes unreadable images."""
+
+  def __init__(self, parent, transform, *, seed, on_bad_image):
+    super().__init__(parent)
+    if on_bad_image not in ('skip', 'fail'):
+      raise ValueError(f"config.data.on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
+    self._transform, self._seed, self._skip = transform, seed, on_bad_image == 'skip'
+
+  def __len__(self):
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    rng = np.random.default_rng([self._seed, index])
+    for skipped in range(MAX_CONSECUTIVE_BAD + 1):
+      record = self._parent[index + skipped]
+      try:
+        element = self._transform(record, rng)
+      except multicrop.BadImageError as e:
+        if not self._skip:
+          raise
+        logging.warning('Skipping unreadable image (on_bad_image=skip): %s', e)
+        continue
+      element['skipped'] = np.int32(skipped)
+      return element
+    raise RuntimeError(f'{MAX_CONSECUTIVE_BAD + 1} consecutive unreadable images from stream '
+                       f'position {index} (last: {record.get("path")}): is the dataset readable?')
+
+  def __str__(self):
+    return '_MultiCropStream'
+
+
+def _read_options(data_config):
+  # Elements here are whole batches: a large grain buffer would hold gigabytes.
+  return grain.ReadOptions(num_threads=int(data_config.get('threads_per_worker', 2)),
+                           prefetch_buffer_size=int(data_config.get('prefetch_batches', 2)))
+
+
+def _prefetch(ds, data_config):
+  workers = int(data_config.get('num_workers', 0))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def make_train_dataset(source, config, *, seed, process_index=0, process_count=1):
+  """The infinite multi-crop training stream of this process, batched.
+
+  Yields dicts of numpy arrays: 'global' uint8 [b, n_global, G, G, 3], 'local' uint8
+  [b, n_local, L, L, 3] (absent without local crops), 'label' int32 [b], 'skipped' int32 [b],
+  with b = config.batch_size // process_count.
+  """
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{process_count} JAX processes')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  data, crops = config.data, config.crops
+  transform = multicrop.MultiCrop(
+      multicrop.crop_groups(crops),
+      interpolation=crops.get('interpolation', 'bicubic'),
+      flip=crops.get('flip', True),
+      draft=data.get('jpeg_draft', True),
+      exif_transpose=data.get('exif_transpose', False))
+  used = steps_per_epoch(source, config) * config.batch_size
+  ds = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0))
+  ds = _EpochStream(ds, len(source), used)
+  ds = _MultiCropStream(ds, transform, seed=_derived_seed(seed, 1),
+                        on_bad_image=data.get('on_bad_image', 'skip'))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  return _prefetch(ds.to_iter_dataset(_read_options(data)), data)
+
+
+class _EvalElement:
+  """Slot j of process p holds image j*P + p; slots past the end are padding (mask False)."""
+
+  def __init__(self, source, transform, process_index, process_count, on_bad_image):
+    self._source, self._transform = source, transform
+    self._p, self._P, self._skip = process_index, process_count, on_bad_image == 'skip'
+    size = transform.image_size
+    self._blank = np.zeros((size, size, 3), np.uint8)
+
+  def __call__(self, slot):
+    index = slot * self._P + self._p
+    if index < len(self._source):
+      try:
+        element = self._transform(self._source[index])
+        return {**element, 'index': np.int32(index), 'mask': np.bool_(True)}
+      except multicrop.BadImageError as e:
+        if not self._skip:
+          raise
+        logging.warning('Leaving out unreadable image (on_bad_image=skip): %s', e)
+    return {'image': self._blank, 'label': np.int32(-1), 'index': np.int32(-1),
+            'mask': np.bool_(False)}
+
+
+def eval_batches(source, batch_size, process_count=1):
+  """Number of batches every process yields in `make_eval_dataset`."""
+  return math.ceil(len(source) / (batch_size * process_count))
+
+
+def make_eval_dataset(source, *, image_size, resize_size, batch_size, process_index=0,
+                      process_count=1, num_workers=0, on_bad_image='fail',
+                      interpolation='bicubic'):
+  """One deterministic pass over `source` with the official evaluation geometry.
+
+  Yields `eval_batches(...)` batches per process (the same count on every process):
+  'image' uint8 [b, S, S, 3], 'label' int32 [b], 'index' int32 [b] (position in `source`, -1 for
+  padding) and 'mask' bool [b]. The last batches are padded rather than dropped, so every image
+  is evaluated exactly once over all processes: weight or filter results by 'mask'.
+  """
+  slots = eval_batches(source, batch_size, process_count) * batch_size
+  transform = multicrop.CenterCrop(image_size, resize_size, interpolation=interpolation)
+  element = _EvalElement(source, transform, process_index, process_count, on_bad_image)
+  ds = grain.MapDataset.range(slots).map(element).batch(batch_size)
+  options = {'num_workers': num_workers}
+  return _prefetch(ds.to_iter_dataset(_read_options(options)), options)

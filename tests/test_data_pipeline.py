@@ -1,0 +1,132 @@
+"""Training and evaluation streams: determinism, epochs, process shards, resume, workers."""
+import numpy as np
+import ml_collections
+import pytest
+
+from dino_jax.data import make_eval_dataset, make_train_dataset, steps_per_epoch
+from dino_jax.data.sources import get_source
+
+
+class IndexSource:
+  """Image i is a flat grey square of value i % 256 and label i: batches reveal which images they hold."""
+
+  def __init__(self, n, size=12):
+    self.n, self.size = n, size
+    self.num_classes = None
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {'image': np.full((self.size, self.size, 3), i % 256, np.uint8), 'label': i,
+            'path': f'index[{i}]'}
+
+  def __repr__(self):
+    return f'IndexSource({self.n}, {self.size})'
+
+
+def make_config(batch_size=8, local_number=2, **data):
+  return ml_collections.ConfigDict({
+      'batch_size': batch_size, 'seed': 0,
+      'data': {'source': 'unused', 'num_workers': 0, 'on_bad_image': 'skip', **data},
+      'crops': {'global_size': 8, 'global_number': 2, 'global_scale': (0.4, 1.0),
+                'local_size': 4, 'local_number': local_number, 'local_scale': (0.05, 0.4),
+                'interpolation': 'bicubic', 'flip': True},
+  })
+
+
+def take(ds, n):
+  it = iter(ds)
+  batches = [next(it) for _ in range(n)]
+  if hasattr(it, 'close'):
+    it.close()
+  return batches
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_have_the_documented_shapes_and_types():
+  src = get_source('digits:train')
+  (batch,) = take(make_train_dataset(src, make_config(local_number=3), seed=0), 1)
+  assert batch['global'].shape == (8, 2, 8, 8, 3) and batch['global'].dtype == np.uint8
+  assert batch['local'].shape == (8, 3, 4, 4, 3) and batch['local'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32 and batch['skipped'].dtype == np.int32
+  assert set(batch['label']) <= set(range(10)) and not batch['skipped'].any()
+  (no_local,) = take(make_train_dataset(src, make_config(local_number=0), seed=0), 1)
+  assert 'local' not in no_local
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  src = get_source('digits:train')
+  a = take(make_train_dataset(src, make_config(), seed=3), 3)
+  b = take(make_train_dataset(src, make_config(), seed=3), 3)
+  c = take(make_train_dataset(src, make_config(), seed=4), 3)
+  assert_same_batches(a, b)
+  assert not np.array_equal(a[0]['label'], c[0]['label'])
+  assert not np.array_equal(a[0]['global'], c[0]['global'])
+
+
+def test_epochs_are_fresh_permutations_with_the_remainder_dropped():
+  src, config = IndexSource(45), make_config(batch_size=8)
+  steps = steps_per_epoch(src, config)
+  assert steps == 5  # 45 // 8, drop_last
+  batches = take(make_train_dataset(src, config, seed=0), 3 * steps)
+  epochs = [np.concatenate([b['label'] for b in batches[e * steps:(e + 1) * steps]]) for e in range(3)]
+  for labels in epochs:
+    assert len(set(labels)) == 40 and set(labels) <= set(range(45))  # no repeats within an epoch
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  with pytest.raises(ValueError, match='fewer than one global batch'):
+    steps_per_epoch(IndexSource(7), config)
+
+
+def test_processes_read_disjoint_shards_that_rebuild_the_global_batch():
+  src, config = IndexSource(64), make_config(batch_size=8)
+  single = take(make_train_dataset(src, config, seed=1), 8)
+  shards = [take(make_train_dataset(src, config, seed=1, process_index=p, process_count=4), 8)
+            for p in range(4)]
+  for t in range(8):
+    labels = [s[t]['label'] for s in shards]
+    assert all(len(l) == 2 for l in labels)
+    flat = np.concatenate(labels)
+    assert len(set(flat)) == 8  # disjoint
+    # Process p holds positions p, p + 4 of the global step: the same images and the same crops.
+    np.testing.assert_array_equal(np.stack(labels, 1).reshape(-1), single[t]['label'])
+    np.testing.assert_array_equal(np.stack([s[t]['global'] for s in shards], 1).reshape(
+        single[t]['global'].shape), single[t]['global'])
+  with pytest.raises(ValueError, match='not divisible'):
+    make_train_dataset(src, config, seed=1, process_index=0, process_count=3)
+
+
+def test_resume_from_iterator_state_gives_the_same_next_batches():
+  src, config = get_source('digits:train'), make_config()
+  it = iter(make_train_dataset(src, config, seed=0))
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = iter(make_train_dataset(src, config, seed=0))
+  fresh.set_state(state)
+  assert_same_batches([next(fresh) for _ in range(3)], expected)
+
+
+def test_eval_covers_every_image_once_across_processes_with_padding():
+  src = IndexSource(23, size=10)
+  seen = []
+  for p in range(2):
+    ds = make_eval_dataset(src, image_size=8, resize_size=10, batch_size=5, process_index=p,
+                           process_count=2)
+    batches = list(ds)
+    assert len(batches) == 3  # ceil(23 / (5 * 2)) on every process
+    for b in batches:
+      assert b['image'].shape == (5, 8, 8, 3) and b['mask'].dtype == bool
+      assert np.all(b['index'][b['mask']] == b['label'][b['mask']])
+      assert np.all(b['index'][~b['mask']] == -1)
+      np.testing.assert_array_equal(b['image'][b['mask']][:, 0, 0, 0], b['label'][b['mask']] % 256)
+      seen.extend(b['index'][b['mask']])
+  assert sorted(seen) == list(range(23))
