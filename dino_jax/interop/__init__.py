@@ -1,0 +1,1 @@
+"""Interoperability with the official PyTorch code: see `dino_jax.interop.torch`."""
