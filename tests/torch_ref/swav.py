@@ -1,0 +1,144 @@
+"""PyTorch reference for SwAV, written by us following the official semantics (facebookresearch/swav
+main_swav.py: `distributed_sinkhorn` and the loss loop of `train`; apex `parallel/LARC.py` around
+`torch.optim.SGD`).
+
+Multi-GPU runs are simulated in one process: a "world" of `world_size` ranks is a list with one
+tensor per rank, and `dist.all_reduce(x)` becomes a sum over that list. Everything is eager fp32
+PyTorch, independent of the JAX code under test.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def distributed_sinkhorn(outs, epsilon=0.05, iterations=3):
+  """Official Sinkhorn-Knopp on a simulated world: `outs` is a list of per-rank [B_r, K] scores.
+
+  Returns the list of per-rank assignments [B_r, K]. No max subtraction, exactly as the official.
+  """
+  world_size = len(outs)
+  qs = [torch.exp(o / epsilon).t() for o in outs]  # K x B_r per rank
+  big_b = qs[0].shape[1] * world_size
+  k = qs[0].shape[0]
+  total = sum(torch.sum(q) for q in qs)  # all_reduce
+  qs = [q / total for q in qs]
+  for _ in range(iterations):
+    rows = sum(torch.sum(q, dim=1, keepdim=True) for q in qs)  # all_reduce
+    qs = [q / rows for q in qs]
+    qs = [q / k for q in qs]
+    qs = [q / torch.sum(q, dim=0, keepdim=True) for q in qs]  # per rank, per sample
+    qs = [q / big_b for q in qs]
+  return [(q * big_b).t() for q in qs]
+
+
+def split_ranks(x, n_crops, world_size):
+  """Global crop-major [n_crops * B, ...] -> per-rank crop-major [n_crops * B / world, ...] list.
+
+  Rank r holds samples [r*b, (r+1)*b) of every crop, as a DistributedSampler shard would.
+  """
+  per_crop = x.reshape(n_crops, world_size, -1, *x.shape[1:])
+  return [per_crop[:, r].reshape(-1, *x.shape[1:]) for r in range(world_size)]
+
+
+class SwAVLossReference:
+  """The official loss loop of `train` with its queue, on a simulated world.
+
+  The per-rank loss is the official local loss; DDP averages gradients over ranks, so the global
+  objective is the mean of the per-rank losses, which `__call__` returns.
+  """
+
+  def __init__(self, nmb_crops, crops_for_assign=(0, 1), world_size=1, temperature=0.1, epsilon=0.05,
+               sinkhorn_iterations=3):
+    self.n_crops = int(np.sum(nmb_crops))
+    self.crops_for_assign = list(crops_for_assign)
+    self.world_size = world_size
+    self.temperature = temperature
+    self.epsilon = epsilon
+    self.iterations = sinkhorn_iterations
+    self.queue = None  # list of per-rank [n_assign, queue_length // world, D] once started
+    self.use_the_queue = [False] * world_size
+
+  def start_queue(self, queue_length, batch_size_per_gpu, feat_dim):
+    """What `main` does when `epoch >= epoch_queue_starts` and there is no queue yet."""
+    queue_length -= queue_length % (batch_size_per_gpu * self.world_size)
+    self.queue = [torch.zeros(len(self.crops_for_assign), queue_length // self.world_size, feat_dim)
+                  for _ in range(self.world_size)]
+
+  def new_epoch(self):
+    """`train` starts every epoch with `use_the_queue = False`."""
+    self.use_the_queue = [False] * self.world_size
+
+  def __call__(self, embeddings, outputs, prototypes_weight):
+    """embeddings / outputs: per-rank lists of [n_crops * bs, D] / [n_crops * bs, K]; prototypes_weight
+    [K, D] (torch Linear layout). Returns the mean over ranks of the official per-rank loss."""
+    embeddings = [e.detach() for e in embeddings]
+    bs = outputs[0].shape[0] // self.n_crops
+    losses = [0.0] * self.world_size
+    for i, crop_id in enumerate(self.crops_for_assign):
+      outs = []
+      with torch.no_grad():
+        for r in range(self.world_size):
+          out = outputs[r][bs * crop_id: bs * (crop_id + 1)].detach()
+          if self.queue is not None:
+            queue = self.queue[r]
+            if self.use_the_queue[r] or not torch.all(queue[i, -1, :] == 0):
+              self.use_the_queue[r] = True
+              out = torch.cat((torch.mm(queue[i], prototypes_weight.t()), out))
+            queue[i, bs:] = queue[i, :-bs].clone()
+            queue[i, :bs] = embeddings[r][crop_id * bs: (crop_id + 1) * bs]
+          outs.append(out)
+        qs = [q[-bs:] for q in distributed_sinkhorn(outs, self.epsilon, self.iterations)]
+      for r in range(self.world_size):
+        subloss = 0
+        for v in np.delete(np.arange(self.n_crops), crop_id):
+          x = outputs[r][bs * v: bs * (v + 1)] / self.temperature
+          subloss -= torch.mean(torch.sum(qs[r] * F.log_softmax(x, dim=1), dim=1))
+        losses[r] = losses[r] + subloss / (self.n_crops - 1)
+    losses = [loss / len(self.crops_for_assign) for loss in losses]
+    return sum(losses) / self.world_size
+
+
+class LARC:
+  """apex `LARC` (scaling mode when clip=False) wrapped around a torch optimizer, e.g. SGD momentum 0.9.
+
+  Per tensor with a gradient: if ||p|| != 0 and ||g|| != 0, ratio = trust * ||p|| / (||g|| + wd * ||p||
+  + eps), then g <- (g + wd * p) * ratio. The inner optimizer runs with its weight decay set to 0 (it is
+  folded into the gradient above) and restored afterwards. Tensors whose grad is None are skipped by
+  both (SwAV's frozen prototypes).
+  """
+
+  def __init__(self, optimizer, trust_coefficient=0.02, clip=True, eps=1e-8):
+    self.optim = optimizer
+    self.trust_coefficient = trust_coefficient
+    self.clip = clip
+    self.eps = eps
+
+  @property
+  def param_groups(self):
+    return self.optim.param_groups
+
+  def zero_grad(self):
+    self.optim.zero_grad()
+
+  @torch.no_grad()
+  def step(self):
+    saved_wd = []
+    for group in self.optim.param_groups:
+      wd = group.get("weight_decay", 0)
+      saved_wd.append(wd)
+      group["weight_decay"] = 0
+      for p in group["params"]:
+        if p.grad is None:
+          continue
+        p_norm = torch.norm(p.data)
+        g_norm = torch.norm(p.grad.data)
+        if p_norm != 0 and g_norm != 0:
+          ratio = self.trust_coefficient * p_norm / (g_norm + p_norm * wd + self.eps)
+          if self.clip:
+            ratio = min(ratio / group["lr"], 1)
+          p.grad.data += wd * p.data
+          p.grad.data *= ratio
+    self.optim.step()
+    for group, wd in zip(self.optim.param_groups, saved_wd):
+      group["weight_decay"] = wd
