@@ -69,7 +69,7 @@ def _our_layout(leaf, value, like):
         value = value.T
     elif leaf == "kernel" and value.ndim == 4:
         value = value.transpose(2, 3, 1, 0)
-    return np.ascontiguousarray(value).astype(like.dtype)
+    return np.array(value, dtype=like.dtype, order="C")  # (np.ascontiguousarray turns 0-d into 1-d)
 
 
 def _sequential_indices(module):

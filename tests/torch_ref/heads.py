@@ -65,3 +65,14 @@ class SwAVHead(nn.Module):
             x = self.projection_head(x)
         x = F.normalize(x, dim=1, p=2)
         return x, self.prototypes(x)
+
+
+class MultiCropWrapper(nn.Module):
+    """DINO's utils.MultiCropWrapper: backbone per resolution group, head on the concatenation."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        return self.head(torch.cat([self.backbone(x) for x in crops]))
