@@ -110,6 +110,16 @@ def test_queue_changes_the_loss():
   np.testing.assert_array_equal(new_queue[:, 1, :4], z.reshape(2, 2, 4, 6)[:, 1])  # newest first
 
 
+def test_shard_count_only_changes_the_queue_layout():
+  """Sinkhorn is symmetric in the samples, so 2 shard queues of 8 rows = 1 queue of the same 16 rows."""
+  rng = np.random.default_rng(12)
+  z, c, scores = make_batch(rng, 3, 8, 6, 10)
+  queue2 = normalise(rng.standard_normal((2, 2, 8, 6)), -1).astype(np.float32)
+  loss2, _, _ = swav_loss(z, scores, c, queue2, batch_size=8)
+  loss1, _, _ = swav_loss(z, scores, c, queue2.reshape(2, 1, 16, 6), batch_size=8)
+  assert abs(float(loss1) - float(loss2)) <= 1e-6 * abs(float(loss2))
+
+
 def test_no_gradient_through_codes_queue_or_prototypes():
   rng = np.random.default_rng(8)
   z, c, scores = make_batch(rng, 3, 4, 5, 6)

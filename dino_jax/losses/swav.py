@@ -5,6 +5,11 @@ of B samples is split into `n_shards` contiguous blocks (the devices of the mesh
 block prepends its own queue before Sinkhorn-Knopp, whose sums then run over all blocks. With
 n_shards = 1 this is the single-device recipe. The functions are pure: the queue comes in and the new
 queue goes out, to be kept in the train state (and checkpointed) by the caller.
+
+Sinkhorn-Knopp treats samples symmetrically (its sums are over all samples or per sample), so the codes
+depend only on the SET of queued embeddings, not on their order: n_shards queues of Qd rows give the
+same loss as one queue of n_shards * Qd rows (up to summation order). The per-shard layout is kept so
+that each device's queue rows stay next to its batch block when the queue is sharded on axis 1.
 """
 from __future__ import annotations
 
@@ -108,14 +113,14 @@ def swav_loss(embedding, scores, prototypes, queue=None, *, batch_size, crops_fo
       full = jnp.all(jnp.any(queue_i[:, -1, :] != 0, axis=-1))
       used = jnp.logical_and(queue_active, jnp.logical_or(used, full))
 
-      def with_queue(out=out, queue_i=queue_i):
-        # Stored embeddings are re-scored with the current prototypes, each shard's queue goes in front
-        # of its own block of the batch, and the codes are read from the last `local` rows per shard.
-        stored = jnp.einsum("sqd,dk->sqk", queue_i.astype(jnp.float32), prototypes)
-        joint = jnp.concatenate([stored, out.reshape(n_shards, local, num_prototypes)], axis=1)
-        return sinkhorn(joint)[:, -local:].reshape(batch_size, num_prototypes)
-
-      q = jax.lax.cond(used, with_queue, lambda out=out: sinkhorn(out))
+      # Stored embeddings are re-scored with the current prototypes, each shard's queue goes in front
+      # of its own block of the batch, and the codes are read from the last `local` rows per shard.
+      stored = jnp.einsum("sqd,dk->sqk", queue_i.astype(jnp.float32), prototypes)
+      joint = jnp.concatenate([stored, out.reshape(n_shards, local, num_prototypes)], axis=1)
+      q_queue = sinkhorn(joint)[:, -local:].reshape(batch_size, num_prototypes)
+      # Both versions are computed and one is selected: Sinkhorn costs little next to the network,
+      # and a lax.cond would make XLA:GPU copy the predicate to the host and wait on it every step.
+      q = jnp.where(used, q_queue, sinkhorn(out))
       # Shift by one batch and put the current embeddings first (newest first), per shard.
       current = embedding[crop].reshape(n_shards, local, -1).astype(queue.dtype)
       shifted = jnp.concatenate([current, queue_i[:, :-local]], axis=1)
