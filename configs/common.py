@@ -12,7 +12,7 @@ def dino_defaults():
   c.seed = 0
   c.epochs = 100
   c.batch_size = 512            # global; the official default is 64 per GPU, the README runs use 8 GPUs
-  c.max_steps = None            # stop early (debugging); schedules still span `epochs`
+  c.max_steps = ml_collections.config_dict.placeholder(int)  # stop early (debugging); schedules still span `epochs`
   c.log_every_steps = 10
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
