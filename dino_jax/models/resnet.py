@@ -67,11 +67,14 @@ class ResNet(nnx.Module):
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
         self.num_stages = len(layers)
 
-    def __call__(self, x, *, rng=None, train=False):
-        del rng
+    def stem(self, x, *, train):
         x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
         # PyTorch's MaxPool2d pads with -inf, as nnx.max_pool does.
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    def __call__(self, x, *, rng=None, train=False):
+        del rng
+        x = self.stem(x, train=train)
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
                 x = block(x, train=train)

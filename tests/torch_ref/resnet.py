@@ -56,10 +56,13 @@ class ResNet50(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def features(self, x):
+    def stem(self, x):
         if self.swav:
             x = F.pad(x, (1, 1, 1, 1))
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+
+    def features(self, x):
+        x = self.stem(x)
         for i in range(4):
             x = getattr(self, f"layer{i + 1}")(x)
         return x.mean(dim=(2, 3))
