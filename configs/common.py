@@ -95,6 +95,73 @@ def dino_defaults():
   return c
 
 
+SWAV_STD = (0.228, 0.224, 0.225)  # SwAV's src/multicropdataset.py (not ImageNet's 0.229)
+
+
+def swav_defaults():
+  """main_swav.py defaults (ResNet-50, 2x224 + 6x96 as in every released script). Recipes set what their script sets.
+
+  Shared keys mean what they mean for DINO: `batch_size` is global (per crop), `optim.lr` the peak lr, here NOT scaled
+  with the batch (`lr_scaling` False: SwAV's scripts give base_lr for their batch), `optim.min_lr` is `final_lr`.
+  """
+  c = dino_defaults()
+  c.method = "swav"
+  c.epochs = 100
+  c.batch_size = 256            # global; the official default is 64 per GPU
+  del c.teacher_momentum        # no teacher: state.teacher is kept equal to the trained network
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet50"
+  c.model.hidden_mlp = 2048     # projection 2048 -> hidden_mlp (BN, ReLU) -> feat_dim
+  c.model.feat_dim = 128
+  c.model.nmb_prototypes = 3000
+  c.model.dtype = "bfloat16"    # compute dtype; parameters, BatchNorm statistics, scores and Sinkhorn are float32
+  c.model.overrides = ml_collections.ConfigDict()  # backbone constructor overrides, e.g. {'width': 16}
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.1
+  c.loss.epsilon = 0.05
+  c.loss.sinkhorn_iters = 3
+  c.loss.crops_for_assign = (0, 1)
+  c.loss.queue_length = 0       # 0: no queue; trimmed to a multiple of the global batch, split over the devices
+  c.loss.epoch_queue_starts = 15
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "larc"         # apex LARC (trust 0.001, clip False) around SGD
+  c.optim.momentum = 0.9
+  c.optim.lr = 4.8              # base_lr
+  c.optim.lr_scaling = False
+  c.optim.min_lr = 0.0          # final_lr
+  c.optim.warmup_epochs = 10
+  c.optim.start_warmup = 0.0
+  c.optim.weight_decay = 1e-6   # wd, constant, on every parameter (biases and BatchNorm included)
+  c.optim.weight_decay_end = 1e-6
+  c.optim.decay_all = True
+  c.optim.clip_grad = 0.0
+  c.optim.freeze_prototypes_niters = 313
+
+  c.crops.global_size = 224
+  c.crops.global_number = 2
+  c.crops.global_scale = (0.14, 1.0)
+  c.crops.local_size = 96
+  c.crops.local_number = 6
+  c.crops.local_scale = (0.05, 0.14)
+  c.crops.interpolation = "bilinear"  # torchvision's RandomResizedCrop default (DINO passes bicubic)
+
+  c.aug = ml_collections.ConfigDict()  # get_color_distortion(s=1.0) + PILRandomGaussianBlur on every crop
+  c.aug.jitter = (0.8, 0.8, 0.8, 0.2)
+  c.aug.jitter_p = 0.8
+  c.aug.gray_p = 0.2
+  c.aug.blur_p_global = 0.5
+  c.aug.blur_p_local = 0.5
+  c.aug.blur_sigma = (0.1, 2.0)
+  c.aug.solarize_p_global = 0.0
+  c.aug.solarize_p_local = 0.0
+  c.aug.mean = IMAGENET_MEAN
+  c.aug.std = SWAV_STD
+  return c
+
+
 def imagenet_paths(c, arg):
   """`--config=configs/x.py:/data/imagenet` points training at <dir>/train and the k-NN at <dir>/{train,val}."""
   if arg:

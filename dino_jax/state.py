@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dino_jax import models
+from dino_jax import losses, models
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -24,8 +24,8 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any                  # optax state of the student's optimiser
   batch_stats: Any                # student BatchNorm running statistics ({} for a ViT with a BN-free head)
   teacher_batch_stats: Any        # the teacher's own running statistics: it runs in train mode, never EMA'd
-  center: jax.Array               # DINO centre [K]; shape [0] for SwAV
-  queue: jax.Array                # SwAV queue [n_assign, n_shards, Qd, D]; shape [0] otherwise
+  center: jax.Array | None        # DINO centre [K]; None for SwAV (orbax cannot save empty arrays)
+  queue: jax.Array | None         # SwAV queue [n_assign, n_shards, Qd, D]; None without a queue
   nonfinite_step: jax.Array       # -1, or the first step whose loss was not finite (the state then stops changing)
 
 
@@ -86,14 +86,27 @@ def graphdef_of(config):
   return nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.seed))))[0]
 
 
-def make_init_fn(config, tx):
-  """() -> TrainState. Student and teacher start from the same weights (the official teacher loads the student's)."""
+def make_init_fn(config, tx, *, n_shards=None):
+  """() -> TrainState. Student and teacher start from the same weights (the official teacher loads the student's).
+
+  SwAV has no teacher: `teacher` stays equal to `params` (see steps.swav_update). Its queue is allocated here, empty
+  (all zeros), as [n_assign, n_shards, rows per shard, D] with n_shards the size of the mesh's data axis (default:
+  every device, as sharding.make_mesh builds it); it is None when `loss.queue_length` is below one global batch.
+  """
+  if config.method == "swav":
+    n_shards = jax.device_count() if n_shards is None else n_shards
+    losses.queue_rows_per_shard(config.loss.queue_length, batch_size=config.batch_size, n_shards=n_shards)  # checks
 
   def init():
     _, params, stats = split_model(build_model(config, nnx.Rngs(config.seed)))
-    center = jnp.zeros([config.model.out_dim if config.method == "dino" else 0], jnp.float32)
+    center = jnp.zeros([config.model.out_dim], jnp.float32) if config.method == "dino" else None
+    queue = None
+    if config.method == "swav":
+      queue = losses.init_queue(config.loss.queue_length, batch_size=config.batch_size, n_shards=n_shards,
+                                n_assign=len(config.loss.crops_for_assign),
+                                dim=params["head"]["prototypes"]["kernel"].shape[0])
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, teacher=params, opt_state=tx.init(params),
                       batch_stats=stats, teacher_batch_stats=stats, center=center,
-                      queue=jnp.zeros([0], jnp.float32), nonfinite_step=jnp.full([], -1, jnp.int32))
+                      queue=queue, nonfinite_step=jnp.full([], -1, jnp.int32))
 
   return init

@@ -159,6 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  # orbax and grain log every save and read at INFO through absl's logger; keep the console to our messages.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   try:
