@@ -1,0 +1,195 @@
+"""Photometric ops on the accelerator vs the Pillow calls torchvision makes, pixel for pixel.
+
+Every op is compared with the PIL operation on the same uint8 crop. The tolerance is zero: our
+ops emulate Pillow's integer and float32 arithmetic (see photometric.py), and these tests hold
+them to identical pixels on CPU.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+import torch
+from sklearn.datasets import load_sample_image
+
+from dino_jax.data import photometric as P
+from tests.torch_ref import augment as ref
+
+
+@pytest.fixture(scope='module')
+def crops():
+  """12 natural 48x40 crops (two sample photos) and one of uniform noise, uint8 [13, 40, 48, 3]."""
+  rng = np.random.default_rng(0)
+  out = []
+  for name in ('china.jpg', 'flower.jpg'):
+    photo = load_sample_image(name)
+    for _ in range(6):
+      top, left = rng.integers(0, 280), rng.integers(0, 480)
+      crop = Image.fromarray(photo[top:top + 140, left:left + 150])
+      out.append(np.asarray(crop.resize((48, 40), Image.BICUBIC)))
+  out.append(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+  return np.stack(out)
+
+
+def pil_each(fn, images, *args):
+  return np.stack([np.asarray(fn(Image.fromarray(img), *(float(a[i]) for a in args)))
+                   for i, img in enumerate(images)])
+
+
+def assert_pixels_equal(ours, theirs):
+  ours = np.asarray(ours)
+  diff = np.abs(ours.astype(int) - theirs.astype(int))
+  assert diff.max() == 0, f'{np.count_nonzero(diff)} of {diff.size} values differ, max {diff.max()}'
+
+
+def test_rgb_hsv_conversions_match_pillow_for_every_colour():
+  colours = np.arange(1 << 24, dtype=np.uint32)
+  rgb = np.stack([(colours >> s) & 255 for s in (16, 8, 0)], -1).astype(np.uint8)
+  image = rgb.reshape(4096, 4096, 3)
+  hsv = np.asarray(Image.fromarray(image, 'RGB').convert('HSV'))
+  ours = jax.jit(P.rgb_to_hsv)(jnp.asarray(image, jnp.int32))
+  assert_pixels_equal(jnp.stack(ours, -1), hsv)
+  back = np.asarray(Image.fromarray(image, 'HSV').convert('RGB'))  # every (h, s, v) triple
+  ours = jax.jit(P.hsv_to_rgb)(*(jnp.asarray(image[..., i], jnp.int32) for i in range(3)))
+  assert_pixels_equal(ours, back)
+
+
+FACTORS = [0.0, 0.6, 1.0, 1.2, 1.4, 2.0]
+
+
+@pytest.mark.parametrize('name', ['brightness', 'contrast', 'saturation'])
+def test_enhance_ops_match_pillow_with_fixed_and_random_factors(crops, name):
+  ours_fn = {'brightness': P.adjust_brightness, 'contrast': P.adjust_contrast,
+             'saturation': P.adjust_saturation}[name]
+  ref_fn = {'brightness': ref.adjust_brightness, 'contrast': ref.adjust_contrast,
+            'saturation': ref.adjust_saturation}[name]
+  rng = np.random.default_rng(1)
+  for factors in ([FACTORS[i % len(FACTORS)] for i in range(len(crops))],
+                  rng.uniform(0.0, 1.8, len(crops))):
+    factors = np.asarray(factors, np.float32)  # torchvision's factors are float32 draws
+    ours = jax.jit(ours_fn)(jnp.asarray(crops, jnp.int32), jnp.asarray(factors))
+    assert_pixels_equal(ours, pil_each(ref_fn, crops, factors))
+
+
+def test_hue_matches_torchvision_adjust_hue(crops):
+  # Includes |factor| < 1/255 (shift 0: PIL's lossy HSV round trip still changes pixels),
+  # negative factors (wrap-around), and the extremes +-0.5.
+  factors = np.array([0.0, 0.001, -0.003, 0.1, -0.1, 0.5, -0.5, 0.25, -0.37, 0.05, -0.05, 0.3,
+                      -0.2], np.float32)
+  ours = jax.jit(P.adjust_hue)(jnp.asarray(crops, jnp.int32), jnp.asarray(factors))
+  theirs = pil_each(ref.adjust_hue, crops, factors)
+  assert not np.array_equal(theirs[0], crops[0])  # the round trip is not the identity
+  assert_pixels_equal(ours, theirs)
+
+
+def test_grayscale_and_solarize_match_pillow(crops):
+  x = jnp.asarray(crops, jnp.int32)
+  grey = jax.jit(P.grayscale)(x)
+  assert_pixels_equal(jnp.repeat(grey[..., None], 3, -1), pil_each(ref.grayscale3, crops))
+  assert_pixels_equal(jax.jit(P.solarize)(x), pil_each(ref.solarize, crops))
+
+
+def test_gaussian_blur_matches_pillow_box_blur_exactly(crops):
+  # sigma spans DINO's U(0.1, 2), including both sides of sqrt(2), where Pillow's box radius
+  # moves from l = 0 to l = 1.
+  sigmas = np.array([0.1, 0.3, 0.5, 0.77, 1.0, 1.3, 1.4142, 1.4143, 1.6, 1.9, 2.0, 0.1234, 1.05],
+                    np.float32)
+  ours = jax.jit(P.gaussian_blur)(jnp.asarray(crops, jnp.int32), jnp.asarray(sigmas))
+  assert_pixels_equal(ours, pil_each(ref.gaussian_blur, crops, sigmas))
+  rng = np.random.default_rng(2)
+  for shape in [(1, 1), (1, 6), (3, 2), (5, 7)]:  # images smaller than the box
+    tiny = rng.integers(0, 256, (len(sigmas),) + shape + (3,), dtype=np.uint8)
+    ours = jax.jit(P.gaussian_blur)(jnp.asarray(tiny, jnp.int32), jnp.asarray(sigmas))
+    assert_pixels_equal(ours, pil_each(ref.gaussian_blur, tiny, sigmas))
+
+
+def test_normalize_matches_to_tensor_and_normalize(crops):
+  ours = np.asarray(P.normalize(jnp.asarray(crops), ref.IMAGENET_MEAN, ref.IMAGENET_STD))
+  theirs = np.stack([ref.to_tensor_normalize(Image.fromarray(c)).permute(1, 2, 0).numpy()
+                     for c in crops])
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+  bf16 = P.normalize(jnp.asarray(crops), ref.IMAGENET_MEAN, ref.IMAGENET_STD, jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16
+
+
+def test_random_pipeline_matches_the_official_chain_given_the_same_draws(crops):
+  """Jitter in random order (p) -> grayscale (p) -> blur (p) -> solarise (p), as torchvision
+  composes them, with our sampled parameters replayed through the PIL calls."""
+  aug = P.default_config('dino')
+  params = P.sample_params(jax.random.key(3), (len(crops),), jitter=aug.jitter, jitter_p=0.7,
+                           gray_p=0.3, blur_p=0.6, blur_sigma=aug.blur_sigma, solarize_p=0.4)
+  ours = np.asarray(jax.jit(P.apply)(jnp.asarray(crops), params))
+  p = jax.tree.map(np.asarray, params)
+  expected = []
+  for i, crop in enumerate(crops):
+    img = Image.fromarray(crop)
+    if p['jitter'][i]:
+      img = ref.color_jitter(img, [int(k) for k in p['order'][i]],
+                             [float(f) for f in p['factors'][i]])
+    if p['gray'][i]:
+      img = ref.grayscale3(img)
+    if p['blur'][i]:
+      img = ref.gaussian_blur(img, float(p['sigma'][i]))
+    if p['solarize'][i]:
+      img = ref.solarize(img)
+    expected.append(np.asarray(img))
+  # Every branch is exercised at least once in these 13 crops.
+  for k in ('jitter', 'gray', 'blur', 'solarize'):
+    assert 0 < p[k].sum() < len(crops), k
+  assert_pixels_equal(ours, np.stack(expected))
+
+
+def test_sampled_parameters_follow_the_official_distributions():
+  aug = P.default_config('dino')
+  n = 20000
+  p = jax.tree.map(np.asarray, P.sample_params(
+      jax.random.key(0), (n, 2), jitter=aug.jitter, jitter_p=aug.jitter_p, gray_p=aug.gray_p,
+      blur_p=aug.blur_p_global, blur_sigma=aug.blur_sigma, solarize_p=aug.solarize_p_global))
+  tol = 0.02  # > 4 standard errors at n = 20000
+  assert abs(p['jitter'].mean() - 0.8) < tol and abs(p['gray'].mean() - 0.2) < tol
+  np.testing.assert_allclose(p['blur'].mean(0), [1.0, 0.1], atol=tol)
+  np.testing.assert_allclose(p['solarize'].mean(0), [0.0, 0.2], atol=tol)
+  assert np.all(np.sort(p['order'], -1) == np.arange(4))  # a permutation per crop
+  assert abs((p['order'][..., 0] == 3).mean() - 0.25) < tol  # each op first 1/4 of the time
+  lo, hi = p['factors'].min((0, 1)), p['factors'].max((0, 1))
+  np.testing.assert_allclose(lo, [0.6, 0.6, 0.8, -0.1], atol=1e-3)
+  np.testing.assert_allclose(hi, [1.4, 1.4, 1.2, 0.1], atol=1e-3)
+  assert 0.1 <= p['sigma'].min() and p['sigma'].max() <= 2.0
+  assert abs(p['sigma'].mean() - 1.05) < tol
+
+
+def test_augment_batch_shapes_dtypes_and_determinism():
+  rng = np.random.default_rng(0)
+  batch = {'global': rng.integers(0, 256, (4, 2, 16, 16, 3), dtype=np.uint8),
+           'local': rng.integers(0, 256, (4, 3, 8, 8, 3), dtype=np.uint8)}
+  aug = P.default_config('dino')
+  fn = jax.jit(lambda b, k: P.augment(b, k, aug))
+  a = fn(batch, jax.random.key(1))
+  assert a['global'].shape == (4, 2, 16, 16, 3) and a['local'].shape == (4, 3, 8, 8, 3)
+  assert a['global'].dtype == jnp.float32
+  np.testing.assert_array_equal(a['global'], fn(batch, jax.random.key(1))['global'])
+  assert not np.array_equal(a['global'], fn(batch, jax.random.key(2))['global'])
+  # Per-crop randomness: identical input crops come out differently (except the ~8-12% that
+  # draw no operation at all and stay equal).
+  same = {k: np.broadcast_to(v[:1, :1], v.shape) for k, v in batch.items()}
+  out = fn(same, jax.random.key(5))
+  for name in ('global', 'local'):
+    crops = np.asarray(out[name]).reshape((-1,) + out[name].shape[2:])
+    assert len({c.tobytes() for c in crops}) >= 0.75 * len(crops), name
+  # SwAV settings (one probability for all crops) and bfloat16 output.
+  swav = P.default_config('swav')
+  swav.dtype = 'bfloat16'
+  out = jax.jit(lambda b, k: P.augment(b, k, swav))(batch, jax.random.key(1))
+  assert out['global'].shape == (4, 2, 16, 16, 3) and out['local'].dtype == jnp.bfloat16
+
+
+def test_zero_probabilities_reduce_to_normalisation_and_gray_p_one_to_grey():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  sample = lambda key, gray_p: P.sample_params(
+      key, (6,), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.0, gray_p=gray_p, blur_p=0.0,
+      blur_sigma=(0.1, 2.0), solarize_p=0.0)
+  apply = jax.jit(P.apply)
+  np.testing.assert_array_equal(apply(x, sample(jax.random.key(0), 0.0)), x)
+  grey = np.asarray(apply(x, sample(jax.random.key(0), 1.0)))
+  assert_pixels_equal(grey, pil_each(ref.grayscale3, x))
