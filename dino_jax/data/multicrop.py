@@ -37,9 +37,16 @@ FILTERS = {
 class BadImageError(Exception):
   """A record whose image cannot be decoded; carries its path for the log."""
 
-  def __init__(self, path, cause):
-    super().__init__(f'cannot decode image {path}: {type(cause).__name__}: {cause}')
-    self.path = path
+  def __init__(self, path, reason):
+    super().__init__(f'cannot decode image {path}: {reason}')
+    self.path, self.reason = path, reason
+
+  def __reduce__(self):  # picklable, so grain can re-raise it from a worker process
+    return type(self), (self.path, self.reason)
+
+
+def _bad(path, error):
+  return BadImageError(path, f'{type(error).__name__}: {error}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +77,7 @@ def open_image(record, path='<record>'):
       return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
     return Image.open(io.BytesIO(bytes(record)))
   except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
-    raise BadImageError(path, e) from e
+    raise _bad(path, e) from e
 
 
 def to_rgb(image, path='<record>', exif_transpose=False):
@@ -89,7 +96,7 @@ def to_rgb(image, path='<record>', exif_transpose=False):
         raise ValueError(f'empty image {image.size}')
       return image if image.mode == 'RGB' else image.convert('RGB')
   except Exception as e:
-    raise BadImageError(path, e) from e
+    raise _bad(path, e) from e
 
 
 def random_resized_crop_box(width, height, scale, ratio, rng):
