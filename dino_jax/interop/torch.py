@@ -297,9 +297,15 @@ def export_checkpoint(module, kind, *, teacher=None):
 
 
 def load_pth(path):
-    """torch.load a .pth file (CPU, tensors only) -> the raw object; tensors stay torch tensors."""
+    """torch.load a .pth file on the CPU -> the raw object (tensors stay torch tensors).
+
+    Loads with weights_only=True (no arbitrary pickles); DINO training checkpoints also hold their
+    argparse `args`, which is allowed explicitly.
+    """
+    import argparse
     torch = _import_torch()
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_pth(obj, path):
@@ -310,7 +316,7 @@ def save_pth(obj, path):
         if isinstance(o, dict):
             return {k: convert(v) for k, v in o.items()}
         if isinstance(o, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(o))
+            return torch.from_numpy(np.array(o, order="C"))  # keeps 0-d buffers 0-d
         return o
     torch.save(convert(obj), path)
 
