@@ -141,10 +141,12 @@ def hsv_to_rgb(h, s, v):
   give the same rounding for all 2^24 inputs (none lies close to a half-integer), and int32 holds
   them (< 2^25).
   """
-  sector = (6 * h) // 255
+  # Operands are non-negative: lax.div/rem (truncating) equal floor division and modulo, and
+  # skip jnp's sign handling.
+  sector = lax.div(6 * h, 255)
   n = 6 * h - 255 * sector
-  sector = sector % 6
-  rnd = lambda num, den: (2 * num + den) // (2 * den)  # round half up; no exact ties occur
+  sector = lax.rem(sector, 6)
+  rnd = lambda num, den: lax.div(2 * num + den, 2 * den)  # round half up; no exact ties occur
   p = rnd(v * (255 - s), 255)
   q = rnd(v * (65025 - s * n), 65025)
   t = rnd(v * (65025 - s * (255 - n)), 65025)
@@ -163,7 +165,7 @@ def hue_shift(hue_factor):
 def adjust_hue(x, hue_factor):
   """torchvision's adjust_hue on PIL: shift Pillow's uint8 hue, convert back (lossy even for 0)."""
   h, s, v = rgb_to_hsv(x)
-  h = (h + hue_shift(hue_factor)[..., None, None]) % 256
+  h = lax.rem(h + hue_shift(hue_factor)[..., None, None], 256)
   return hsv_to_rgb(h, s, v)
 
 
@@ -271,18 +273,25 @@ def apply(x, params, *, hue=True, max_sigma=2.0):
   the identity, PIL's HSV round trip is lossy).
   """
   y = x.astype(jnp.int32)
+  order = params['order']
+  # Each crop meets the hue op exactly once: run the blend ops before it, hue once, then the
+  # blend ops after it (hue is the costly op; this avoids computing it at all four steps).
+  hue_step = jnp.argmax(order == 3, axis=-1)
 
-  def jitter_step(step, image):  # one of the four ops per crop; a loop keeps the graph small
-    op = lax.dynamic_index_in_dim(params['order'], step, -1, keepdims=False)
+  def blend_step(step, image, after):
+    op = lax.dynamic_index_in_dim(order, step, -1, keepdims=False)
     factor = jnp.take_along_axis(params['factors'], op[..., None], -1)[..., 0]
     grey = grayscale(image)
     degenerate = jnp.where(_per_crop(op == 0, image), 0, jnp.where(
         _per_crop(op == 1, image), _mean_grey(grey)[..., None, None, None], grey[..., None]))
     blended = blend(degenerate, image, _per_crop(factor, image))
-    shifted = adjust_hue(image, factor) if hue else image
-    return jnp.where(_per_crop(op == 3, image), shifted, blended)
+    active = (step > hue_step) if after else (step < hue_step)
+    return jnp.where(_per_crop(active, image), blended, image)
 
-  jittered = lax.fori_loop(0, 4, jitter_step, y)
+  jittered = lax.fori_loop(0, 4, lambda i, im: blend_step(i, im, after=False), y)
+  if hue:
+    jittered = adjust_hue(jittered, params['factors'][..., 3])
+  jittered = lax.fori_loop(0, 4, lambda i, im: blend_step(i, im, after=True), jittered)
   y = jnp.where(_per_crop(params['jitter'], y), jittered, y)
   y = jnp.where(_per_crop(params['gray'], y), grayscale(y)[..., None], y)
   y = jnp.where(_per_crop(params['blur'], y), gaussian_blur(y, params['sigma'], max_sigma), y)
