@@ -137,6 +137,27 @@ def test_padded_attention_equals_unpadded():
     assert rel_err(got, want) <= TOL
 
 
+@torch.no_grad()
+def test_cudnn_attention_path_plumbing(monkeypatch):
+    """attention_impl='cudnn' routes through the padded call; run here with XLA underneath."""
+    import dino_jax.models.vit as vit_module
+    real = vit_module.padded_attention
+    calls = []
+
+    def on_cpu(q, k, v, *, implementation, scale=None):
+        calls.append((implementation, q.shape))
+        return real(q, k, v, implementation="xla", scale=scale)
+
+    monkeypatch.setattr(vit_module, "padded_attention", on_cpu)
+    ref, _ = twin("vit_tiny", 16, depth=2, img_size=48)
+    ours = nnx.eval_shape(lambda: build_backbone("vit_tiny", depth=2, img_size=48, attention_impl="cudnn",
+                                                 rngs=nnx.Rngs(0)))
+    load_state_dict(ours, {k: v.numpy() for k, v in ref.state_dict().items()})
+    x, xj = images(2, 48)
+    assert rel_err(nnx.jit(lambda m, x: m(x))(ours, xj), ref(x)) <= TOL
+    assert calls == [("cudnn", (2, 10, 3, 64))] * 2  # 1 + 3*3 tokens, one call per block
+
+
 def test_initialisation_follows_official():
     m = vit_small(depth=1, rngs=nnx.Rngs(0))
     for w in (m.blocks[0].attn.qkv.kernel, m.blocks[0].mlp.fc1.kernel, m.cls_token, m.pos_embed):

@@ -17,6 +17,7 @@ Only numpy is needed; torch is imported lazily by `load_pth`/`save_pth` (and to 
 """
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -197,7 +198,6 @@ def load_state_dict(module, sd, *, strict=True):
         raise StateDictMismatchError(_mismatch_message(type(module).__name__, missing, unexpected, wrong))
     if missing or unexpected:
         log.warning("%s", _mismatch_message(type(module).__name__, missing, unexpected, []))
-    import jax.numpy as jnp
     nnx.update(module, nnx.from_flat_state([(p, jnp.asarray(v)) for p, v in updates]))
     return {"missing": missing, "unexpected": unexpected}
 

@@ -80,7 +80,8 @@ class BatchNorm(nnx.Module):
         if train:
             n = math.prod(x.shape[:-1])
             if n < 2:
-                raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, got input shape {x.shape}")
+                raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, "
+                                 f"got input shape {x.shape}")
             mean = jnp.mean(x, axes)
             var = jnp.mean(jnp.square(x - mean), axes)  # two-pass, biased: used to normalise
             m = self.momentum

@@ -45,7 +45,7 @@ def drop_path(x, rate, key):
     return (x / keep * mask).astype(x.dtype)
 
 
-def padded_attention(q, k, v, *, implementation, multiple=8):
+def padded_attention(q, k, v, *, implementation, scale=None, multiple=8):
     """`jax.nn.dot_product_attention` with the sequence zero-padded to a multiple of `multiple`.
 
     cuDNN flash attention wants token counts that are multiples of 8 (197 and 37 are not); the
@@ -56,7 +56,7 @@ def padded_attention(q, k, v, *, implementation, multiple=8):
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     lengths = jnp.full((b,), t, jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths, implementation=implementation)
     return out[:, :t]
 
@@ -126,7 +126,7 @@ class Attention(nnx.Module):
     def __call__(self, x):
         q, k, v = self._qkv(x)
         if self.attention_impl == "cudnn":
-            y = padded_attention(q, k, v, implementation="cudnn")
+            y = padded_attention(q, k, v, implementation="cudnn", scale=self.scale)
         else:
             y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
         return self.proj(y.reshape(x.shape))

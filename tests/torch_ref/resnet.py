@@ -1,7 +1,6 @@
 """PyTorch reference ResNet-50: torchvision's layout and names (v1.5, stride on the 3x3 conv), and the
 SwAV variant of src/resnet50.py (explicit pad 1 + conv padding 2, projection head and prototypes
 inside the model, flat state-dict keys)."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 
