@@ -193,3 +193,41 @@ def test_zero_probabilities_reduce_to_normalisation_and_gray_p_one_to_grey():
   np.testing.assert_array_equal(apply(x, sample(jax.random.key(0), 0.0)), x)
   grey = np.asarray(apply(x, sample(jax.random.key(0), 1.0)))
   assert_pixels_equal(grey, pil_each(ref.grayscale3, x))
+
+
+def test_whole_augmentation_statistics_match_data_augmentation_dino():
+  """Our CPU crops + accelerator photometry vs the rebuilt official DataAugmentationDINO on one
+  photo, 400 draws each (small crop sizes to stay fast): the distributions agree."""
+  from dino_jax.data.multicrop import CropGroup, MultiCrop
+
+  photo = Image.fromarray(load_sample_image('china.jpg')).resize((80, 60), Image.BICUBIC)
+  data = np.asarray(photo)
+  n, torch_rng = 400, torch.manual_seed(0)
+  official = ref.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, global_size=32, local_size=16)
+  theirs = [official(photo) for _ in range(n)]
+  theirs = {'global': np.stack([[t.permute(1, 2, 0).numpy() for t in crops[:2]] for crops in theirs]),
+            'local': np.stack([[t.permute(1, 2, 0).numpy() for t in crops[2:]] for crops in theirs])}
+  multi = MultiCrop((CropGroup('global', 32, 2, (0.4, 1.0)), CropGroup('local', 16, 2, (0.05, 0.4))))
+  rng = np.random.default_rng(0)
+  crops = [multi({'image': data}, rng) for _ in range(n)]
+  batch = {k: np.stack([c[k] for c in crops]) for k in ('global', 'local')}
+  ours = jax.tree.map(np.asarray, jax.jit(
+      lambda b, k: P.augment(b, k, P.default_config('dino')))(batch, jax.random.key(0)))
+  del torch_rng
+  for group in ('global', 'local'):
+    for crop in range(2):
+      a, b = ours[group][:, crop], theirs[group][:, crop]
+      # Per-crop summaries: mean level, contrast, sharpness (neighbour differences: blur),
+      # greyness (R == G == B before normalising).
+      def summary(x):
+        raw = x * np.float32(ref.IMAGENET_STD) + np.float32(ref.IMAGENET_MEAN)
+        grey = np.all(np.abs(raw[..., 0] - raw[..., 1]) < 1e-4, axis=(1, 2))
+        sharp = np.abs(np.diff(x, axis=2)).mean((1, 2, 3))
+        return x.mean((1, 2, 3)), x.std((1, 2, 3)), sharp, grey
+      *stats_a, ga = summary(a)
+      *stats_b, gb = summary(b)
+      where = f'{group} crop {crop}'
+      # Tolerances ~4 standard errors of the difference at n = 400.
+      for name, u, v in zip(('mean', 'std', 'sharpness'), stats_a, stats_b):
+        assert abs(u.mean() - v.mean()) < 4 * np.sqrt((u.var() + v.var()) / n), (where, name)
+      assert abs(ga.mean() - gb.mean()) < 0.09, where

@@ -99,6 +99,14 @@ def to_rgb(image, path='<record>', exif_transpose=False):
     raise _bad(path, e) from e
 
 
+def _orientation(image, path):
+  """The EXIF orientation tag (1 = upright)."""
+  try:
+    return image.getexif().get(0x0112, 1)
+  except Exception as e:  # a corrupt EXIF block
+    raise _bad(path, e) from e
+
+
 def random_resized_crop_box(width, height, scale, ratio, rng):
   """(top, left, h, w) with the distribution of torchvision's `RandomResizedCrop.get_params`."""
   area = height * width
@@ -141,7 +149,7 @@ class MultiCrop:
   def __call__(self, record, rng):
     path = record.get('path', '<record>')
     image = open_image(record['image'], path)
-    if self.exif_transpose and image.getexif().get(0x0112, 1) != 1:
+    if self.exif_transpose and _orientation(image, path) != 1:
       image = to_rgb(image, path, exif_transpose=True)  # boxes must be drawn on the rotated image
     width, height = image.size
     plan = []
