@@ -13,6 +13,11 @@ run, interleaved so that machine noise hits every variant alike:
 and, for large photos (2000x1500), (a) with and without JPEG draft decoding vs (c).
 The images are ImageNet-sized JPEGs (quality 90) cut from scikit-learn's two sample photos.
 Results go to experiments/results/bench_data.{md,json}.
+
+    python experiments/bench_data.py --photometry-only --batch 256   # on a GPU machine
+
+times only the photometric step (DINO shapes, 2x224 + 8x96) on jax's default device and prints
+images/s; it writes nothing.
 """
 import argparse
 import io
@@ -22,7 +27,6 @@ import platform
 import sys
 import time
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -66,8 +70,13 @@ def main():
   parser.add_argument('--repeats', type=int, default=3, help='interleaved timing rounds (median)')
   parser.add_argument('--batch', type=int, default=8, help='images per photometric batch in (b)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results', 'bench_data'))
+  parser.add_argument('--photometry-only', action='store_true',
+                      help="time the photometric step alone on jax's default device")
   args = parser.parse_args()
+  if args.photometry_only:
+    return photometry_only(args.batch)
 
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   core = sorted(os.sched_getaffinity(0))[0]
   os.sched_setaffinity(0, {core})  # every thread of this process on one core
   import jax
@@ -143,6 +152,30 @@ def main():
   with open(args.out + '.md', 'w') as f:
     f.write(_markdown(results))
   print(_markdown(results))
+
+
+def photometry_only(batch_size, rounds=20):
+  import jax
+  import jax.numpy as jnp
+
+  from dino_jax.data import photometric
+
+  aug = photometric.default_config('dino')
+  fn = jax.jit(lambda batch, key: photometric.augment(batch, key, aug))
+  rng = np.random.default_rng(0)
+  batch = {'global': jnp.asarray(rng.integers(0, 256, (batch_size, 2, 224, 224, 3), np.uint8)),
+           'local': jnp.asarray(rng.integers(0, 256, (batch_size, 8, 96, 96, 3), np.uint8))}
+  start = time.perf_counter()
+  jax.block_until_ready(fn(batch, jax.random.key(0)))
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for i in range(rounds):
+    out = fn(batch, jax.random.key(i + 1))
+  jax.block_until_ready(out)
+  per_batch = (time.perf_counter() - start) / rounds
+  print(f'{jax.devices()[0].device_kind}: photometry for {batch_size} images (2x224 + 8x96): '
+        f'{1e3 * per_batch:.2f} ms per batch, {batch_size / per_batch:.0f} images/s '
+        f'(first call with compilation {compile_s:.1f} s)')
 
 
 def _cpu_model():

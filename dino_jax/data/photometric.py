@@ -5,16 +5,17 @@ torchvision's transforms on PIL images, so every operation there is a Pillow C r
 pixels. We emulate those routines on uint8-valued int32 arrays rather than approximating them in
 float: the same crop, factors and radius give the official pixels.
 
-Measured on CPU against Pillow 13 (tests/test_data_photometric.py):
-- grayscale, solarise, RGB<->HSV (all 2^24 colours both ways), brightness, saturation, contrast
-  and hue with fixed factors: identical uint8 pixels.
-- Gaussian blur: Pillow's three extended box-filter passes per axis in its own 8.24 fixed point,
-  identical pixels as well. Its float radius arithmetic is reproduced in float32; the one double
-  step (a square root) can in principle move a box weight by one unit of 2^-24.
-What needs care: XLA turns a division by a constant into a multiplication by its (rounded)
-reciprocal, which breaks exact rounding, so such divisions go through `_exact_div`. A backend
-that contracts a*b+c into a fused multiply-add can change a truncation at exact .0 boundaries;
-such a difference is one uint8 level on rare pixels (not verified on GPU here).
+Measured on CPU against Pillow 13 (tests/test_data_photometric.py): grayscale, solarise,
+RGB<->HSV (all 2^24 colours, both ways), brightness, contrast, saturation and hue with fixed or
+random factors, and the Gaussian blur (Pillow's three extended-box passes per axis in its 8.24
+fixed point) give identical uint8 pixels; so does the whole random chain given the same draws.
+
+How: integer ops stay integer (grey levels, contrast mean, HSV->RGB as exact rationals, blur);
+float steps follow C's float32 operation order. Two compiler rewrites would break that and are
+blocked: XLA replaces x / constant with x * (1 / constant) (`_exact_div` keeps a true division),
+and a*b + c may become a fused multiply-add (`_mul` makes such products exact first). Not
+verified here: a GPU backend whose float division is not IEEE-rounded could move a value across
+a uint8 boundary (one level, on rare pixels).
 
 Layout: crops [..., H, W, 3]; per-crop parameters have the leading shape `[...]`.
 """

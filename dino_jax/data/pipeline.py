@@ -18,6 +18,12 @@ Unreadable images (`config.data.on_bad_image`): 'fail' raises an error naming th
 logs the path and deterministically substitutes the next stream position's image (crops still
 drawn from the original position's randomness); batches carry `skipped` [b] int32, the number of
 files replaced to fill each slot, so the trainer can sum and report them.
+
+Workers (`config.data.num_workers` > 0) are spawned processes (grain `mp_prefetch`): scripts
+guard `if __name__ == '__main__'`, absl flags must be parsed (inside `app.run`, or call
+`flags.FLAGS.mark_as_parsed()`), iterators should be closed, and a checkpointed iterator state
+restores only into a pipeline with the same number of workers. Batches are identical to the
+in-process ones (tested).
 """
 import math
 import sys
