@@ -85,22 +85,33 @@ def test_epochs_are_fresh_permutations_with_the_remainder_dropped():
     steps_per_epoch(IndexSource(7), config)
 
 
-def test_processes_read_disjoint_shards_that_rebuild_the_global_batch():
+def test_processes_read_contiguous_blocks_that_are_the_single_process_batch():
+  """Process p holds rows [p*b, (p+1)*b) of the 1-process global batch (images and crops), so the
+  process-major global array, and with it the per-row augmentation randomness, is topology-free."""
   src, config = IndexSource(64), make_config(batch_size=8)
-  single = take(make_train_dataset(src, config, seed=1), 8)
-  shards = [take(make_train_dataset(src, config, seed=1, process_index=p, process_count=4), 8)
-            for p in range(4)]
-  for t in range(8):
-    labels = [s[t]['label'] for s in shards]
-    assert all(len(l) == 2 for l in labels)
-    flat = np.concatenate(labels)
-    assert len(set(flat)) == 8  # disjoint
-    # Process p holds positions p, p + 4 of the global step: the same images and the same crops.
-    np.testing.assert_array_equal(np.stack(labels, 1).reshape(-1), single[t]['label'])
-    np.testing.assert_array_equal(np.stack([s[t]['global'] for s in shards], 1).reshape(
-        single[t]['global'].shape), single[t]['global'])
+  single = take(make_train_dataset(src, config, seed=1), 9)  # 9 steps: crosses an epoch (8 steps)
+  for count in (2, 4):
+    shards = [take(make_train_dataset(src, config, seed=1, process_index=p, process_count=count), 9)
+              for p in range(count)]
+    for t in range(9):
+      assert all(len(s[t]['label']) == 8 // count for s in shards)
+      for key in single[t]:
+        np.testing.assert_array_equal(np.concatenate([s[t][key] for s in shards]), single[t][key],
+                                      err_msg=f'{key} at step {t}, {count} processes')
+    # Not the interleaved split: process 0 holds the first rows, not every count-th one.
+    assert not np.array_equal(shards[0][0]['label'], single[0]['label'][::count])
   with pytest.raises(ValueError, match='not divisible'):
     make_train_dataset(src, config, seed=1, process_index=0, process_count=3)
+
+
+def test_process_shard_resumes_from_its_iterator_state():
+  src, config = IndexSource(64), make_config(batch_size=8)
+  it = iter(make_train_dataset(src, config, seed=1, process_index=1, process_count=2))
+  for _ in range(5):
+    next(it)
+  fresh = iter(make_train_dataset(src, config, seed=1, process_index=1, process_count=2))
+  fresh.set_state(it.get_state())
+  assert_same_batches([next(fresh) for _ in range(4)], [next(it) for _ in range(4)])
 
 
 def test_resume_from_iterator_state_gives_the_same_next_batches():
@@ -115,21 +126,25 @@ def test_resume_from_iterator_state_gives_the_same_next_batches():
   assert_same_batches([next(fresh) for _ in range(3)], expected)
 
 
-def test_eval_covers_every_image_once_across_processes_with_padding():
+def test_eval_covers_every_image_once_and_gathers_in_source_order():
   src = IndexSource(23, size=10)
-  seen = []
-  for p in range(2):
-    ds = make_eval_dataset(src, image_size=8, resize_size=10, batch_size=5, process_index=p,
-                           process_count=2)
-    batches = list(ds)
-    assert len(batches) == 3  # ceil(23 / (5 * 2)) on every process
-    for b in batches:
-      assert b['image'].shape == (5, 8, 8, 3) and b['mask'].dtype == bool
+  single = list(make_eval_dataset(src, image_size=8, resize_size=10, batch_size=10))
+  assert len(single) == 3
+  per_process = [list(make_eval_dataset(src, image_size=8, resize_size=10, batch_size=5,
+                                        process_index=p, process_count=2)) for p in range(2)]
+  assert [len(b) for b in per_process] == [3, 3]  # ceil(23 / (5 * 2)) on every process
+  for k in range(3):
+    for b in (single[k], per_process[0][k], per_process[1][k]):
+      assert b['image'].shape[1:] == (8, 8, 3) and b['mask'].dtype == bool
       assert np.all(b['index'][b['mask']] == b['label'][b['mask']])
-      assert np.all(b['index'][~b['mask']] == -1)
+      assert np.all(b['index'][~b['mask']] == -1) and np.all(b['label'][~b['mask']] == -1)
       np.testing.assert_array_equal(b['image'][b['mask']][:, 0, 0, 0], b['label'][b['mask']] % 256)
-      seen.extend(b['index'][b['mask']])
-  assert sorted(seen) == list(range(23))
+    # A tiled allgather of the two processes' batch k is the 1-process batch k of twice the size.
+    for key in single[k]:
+      np.testing.assert_array_equal(np.concatenate([per_process[0][k][key], per_process[1][k][key]]),
+                                    single[k][key], err_msg=f'{key} of batch {k}')
+  gathered = np.concatenate([b['index'][b['mask']] for b in single])
+  np.testing.assert_array_equal(gathered, np.arange(23))  # every image once, in source order
 
 
 def _orbax_save_and_restore(directory, iterator, fresh):

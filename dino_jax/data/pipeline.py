@@ -4,8 +4,11 @@ Training order, like the official `DistributedSampler(shuffle=True)` + `DataLoad
 every epoch is a fresh permutation of the whole source (grain's `shuffle` folds the epoch into
 its seed); its first `steps_per_epoch * batch_size` elements are used and the rest dropped, so
 epochs line up with steps. Global step t reads stream positions [t*B, (t+1)*B); JAX process p
-takes the positions p, p + P, p + 2P, ... of that range, so processes read disjoint images and
-together cover the global batch.
+of P reads the contiguous block [t*B + p*b, t*B + (p+1)*b), b = B/P. `jax.make_array_from_
+process_local_data` on a process-major batch axis (the mesh of `jax.devices()`) puts process p's
+rows at [p*b, (p+1)*b), so the global batch array is the single-process one, row for row: the
+per-row photometric randomness the step draws for [B, ...] is the same on any number of
+processes, and a P-process run sees exactly the augmented batches of a 1-process run.
 
 Every element is a pure function of (seed, stream position): same seed => same batches, and the
 grain iterator state (a position) is all a checkpoint needs to resume mid-epoch exactly. Save it
@@ -79,6 +82,28 @@ class _EpochStream(grain.MapDataset):
     return f'_EpochStream(used={self._used} of {self._num_records})'
 
 
+class _ProcessBlocks(grain.MapDataset):
+  """Process p's part of a batched stream: element j is position (j // b) * B + p * b + j % b."""
+
+  def __init__(self, parent, *, global_batch, process_index, process_count):
+    super().__init__(parent)
+    self._B = global_batch
+    self._b = global_batch // process_count
+    self._offset = process_index * self._b
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, row = divmod(index, self._b)
+    return self._parent[step * self._B + self._offset + row]
+
+  def __str__(self):
+    return f'_ProcessBlocks(rows {self._offset}:{self._offset + self._b} of {self._B})'
+
+
 class _MultiCropStream(grain.MapDataset):
   """Applies `MultiCrop` with an rng seeded by (seed, position); substitutes unreadable images."""
 
@@ -131,7 +156,7 @@ def make_train_dataset(source, config, *, seed, process_index=0, process_count=1
 
   Yields dicts of numpy arrays: 'global' uint8 [b, n_global, G, G, 3], 'local' uint8
   [b, n_local, L, L, 3] (absent without local crops), 'label' int32 [b], 'skipped' int32 [b],
-  with b = config.batch_size // process_count.
+  with b = config.batch_size // process_count: rows [p*b, (p+1)*b) of each global batch.
   """
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
@@ -150,22 +175,26 @@ def make_train_dataset(source, config, *, seed, process_index=0, process_count=1
   ds = _EpochStream(ds, len(source), used)
   ds = _MultiCropStream(ds, transform, seed=_derived_seed(seed, 1),
                         on_bad_image=data.get('on_bad_image', 'skip'))
-  ds = ds[process_index::process_count]
+  ds = _ProcessBlocks(ds, global_batch=config.batch_size, process_index=process_index,
+                      process_count=process_count)
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
   return _prefetch(ds.to_iter_dataset(_read_options(data)), data)
 
 
 class _EvalElement:
-  """Slot j of process p holds image j*P + p; slots past the end are padding (mask False)."""
+  """Row i of batch k on process p holds image (k*P + p)*b + i, so the processes' batches laid
+  side by side (process-major, as `make_array_from_process_local_data` and a tiled allgather lay
+  them) are the source in order; slots past the end are padding (mask False)."""
 
-  def __init__(self, source, transform, process_index, process_count, on_bad_image):
-    self._source, self._transform = source, transform
+  def __init__(self, source, transform, batch_size, process_index, process_count, on_bad_image):
+    self._source, self._transform, self._b = source, transform, batch_size
     self._p, self._P, self._skip = process_index, process_count, on_bad_image == 'skip'
     size = transform.image_size
     self._blank = np.zeros((size, size, 3), np.uint8)
 
   def __call__(self, slot):
-    index = slot * self._P + self._p
+    batch, row = divmod(slot, self._b)
+    index = (batch * self._P + self._p) * self._b + row
     if index < len(self._source):
       try:
         element = self._transform(self._source[index])
@@ -191,11 +220,13 @@ def make_eval_dataset(source, *, image_size, resize_size, batch_size, process_in
   Yields `eval_batches(...)` batches per process (the same count on every process):
   'image' uint8 [b, S, S, 3], 'label' int32 [b], 'index' int32 [b] (position in `source`, -1 for
   padding) and 'mask' bool [b]. The last batches are padded rather than dropped, so every image
-  is evaluated exactly once over all processes: weight or filter results by 'mask'.
+  is evaluated exactly once over all processes: weight or filter results by 'mask'. Batch k of
+  process p holds images [(k*P + p)*b, (k*P + p + 1)*b): gathered process-major, the masked rows
+  are the source in order, whatever the number of processes.
   """
   slots = eval_batches(source, batch_size, process_count) * batch_size
   transform = multicrop.CenterCrop(image_size, resize_size, interpolation=interpolation)
-  element = _EvalElement(source, transform, process_index, process_count, on_bad_image)
+  element = _EvalElement(source, transform, batch_size, process_index, process_count, on_bad_image)
   ds = grain.MapDataset.range(slots).map(element).batch(batch_size)
   options = {'num_workers': num_workers}
   return _prefetch(ds.to_iter_dataset(_read_options(options)), options)
