@@ -194,7 +194,9 @@ def _lars_rule(g, p, wd, dec, eta=0.001):
 
 def _larc_rule(g, p, wd, dec, trust=0.001, eps=1e-8):
   """apex LARC (clip=False): when ||p|| and ||g|| are non-zero, d_p = (g + wd p) * trust ||p|| / (||g|| + wd ||p|| + eps);
-  otherwise the raw gradient without weight decay (LARC zeroes the group's decay while the inner SGD steps)."""
+  otherwise the raw gradient without weight decay (LARC zeroes the group's decay while the inner SGD steps).
+  wd is the tensor's group decay: 0 outside the decayed group (LARC reads `weight_decay` per parameter group)."""
+  wd = wd if dec else 0.0
   pn, gn = _norm(p), _norm(g)
   ok = (pn != 0) & (gn != 0)
   ratio = trust * pn / (gn + wd * pn + eps)

@@ -142,3 +142,69 @@ class LARC:
     self.optim.step()
     for group, wd in zip(self.optim.param_groups, saved_wd):
       group["weight_decay"] = wd
+
+
+def lr_schedule(base_lr, final_lr, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
+  """main_swav.py's per-iteration lr: np.linspace(start_warmup, base_lr) over the warm-up, then a cosine to final_lr."""
+  warmup = np.linspace(start_warmup, base_lr, niter_per_ep * warmup_epochs)
+  n = niter_per_ep * (epochs - warmup_epochs)
+  cosine = np.array([final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * t / n)) for t in range(n)])
+  return np.concatenate((warmup, cosine))
+
+
+class Trainer:
+  """One official SwAV iteration at a time (main_swav.py `main` + `train`), single process, fp32, on already augmented
+  crops given as a list of per-crop [B, 3, H, W] tensors.
+
+  `model(groups)` takes a list of resolution groups (crops of equal size concatenated, in order) and returns
+  (embedding, scores), e.g. `heads.MultiCropWrapper(resnet.ResNet50(swav=True), heads.SwAVHead(...))`; its
+  prototypes are `model.head.prototypes`.
+  """
+
+  def __init__(self, model, *, nmb_crops, batch_size, epochs, niter_per_ep, crops_for_assign=(0, 1), feat_dim=128,
+               base_lr=4.8, final_lr=0.0, warmup_epochs=10, start_warmup=0.0, wd=1e-6, freeze_prototypes_niters=313,
+               queue_length=0, epoch_queue_starts=15, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3):
+    self.model = model.train()
+    self.opt = LARC(torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=wd),
+                    trust_coefficient=0.001, clip=False)
+    self.lr = lr_schedule(base_lr, final_lr, epochs, niter_per_ep, warmup_epochs, start_warmup)
+    self.loss = SwAVLossReference(nmb_crops, crops_for_assign, temperature=temperature, epsilon=epsilon,
+                                  sinkhorn_iterations=sinkhorn_iterations)
+    self.batch_size, self.niter_per_ep, self.feat_dim = batch_size, niter_per_ep, feat_dim
+    self.queue_length, self.epoch_queue_starts = queue_length, epoch_queue_starts
+    self.freeze = freeze_prototypes_niters
+    self.iteration = 0
+
+  @property
+  def queue(self):
+    """[n_assign, rows, D] numpy, or None before the queue starts."""
+    return None if self.loss.queue is None else self.loss.queue[0].numpy()
+
+  def step(self, crops):
+    epoch, it = divmod(self.iteration, self.niter_per_ep)
+    if it == 0:  # what `main` does between epochs, then `train` resets use_the_queue
+      if self.queue_length > 0 and epoch >= self.epoch_queue_starts and self.loss.queue is None:
+        self.loss.start_queue(self.queue_length, self.batch_size, self.feat_dim)
+      self.loss.new_epoch()
+    for group in self.opt.param_groups:
+      group["lr"] = self.lr[self.iteration]
+    prototypes = self.model.head.prototypes
+    with torch.no_grad():
+      prototypes.weight.copy_(F.normalize(prototypes.weight.data.clone(), dim=1, p=2))
+    sizes = [c.shape[-1] for c in crops]
+    groups, start = [], 0
+    for end in range(1, len(crops) + 1):  # torch.unique_consecutive over the crop resolutions
+      if end == len(crops) or sizes[end] != sizes[start]:
+        groups.append(torch.cat(crops[start:end]))
+        start = end
+    embedding, output = self.model(groups)
+    loss = self.loss([embedding], [output], prototypes.weight)
+    self.opt.zero_grad()
+    loss.backward()
+    if self.iteration < self.freeze:
+      for name, p in self.model.named_parameters():
+        if "prototypes" in name:
+          p.grad = None
+    self.opt.step()
+    self.iteration += 1
+    return float(loss.detach())

@@ -1,0 +1,229 @@
+"""The whole SwAV step against an independent PyTorch implementation of the official one (tests/torch_ref/swav.py
+`Trainer`, following main_swav.py), and DINO's `centering='sinkhorn'` against a direct computation.
+
+The 6-iteration run crosses every switch of the official loop: the lr warm-up from `start_warmup` (epoch 0), the
+queue start (`epoch_queue_starts` = 1, i.e. iteration 2), the queue filling up (2 batches long: full after iteration
+3, used from iteration 4, across an epoch boundary where the official resets `use_the_queue`) and the unfreezing of
+the prototypes (`freeze_prototypes_niters` = 3).
+
+Backbone: the ResNet-50 trunk (SwAV's padded stem, bottleneck blocks with their downsampling, widths 64 -> 2048)
+with one block per stage instead of (3, 4, 6, 3). Measured on this 2-core machine, the full ResNet-50 step takes
+~90 s to compile (and 30 s to initialise eagerly), the truncated one about half, and it exercises the same layers;
+the full network's forward is matched separately in tests/test_models_resnet.py. Crops are 32 px (global) and
+16 px (local), 4 images each: layer4 then sees 1x1 maps, so every BatchNorm of the trunk runs on a handful of values
+per channel.
+
+Reference precision: the PyTorch reference runs in float64. PyTorch's own float32 run of this loop leaves float64 by
+up to 4e-3 after 6 iterations on some runs and not on others (its CPU kernels are not deterministic under load; a
+rounding difference flips a ReLU or a near-degenerate BatchNorm and LARC then normalises the changed direction), so
+float32 against float32 would test luck. Our float32 step stays within 1e-5 of the float64 reference here.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from configs import common
+from dino_jax import losses, models, optim, steps
+from dino_jax.interop import torch as interop
+from dino_jax.state import TrainState, make_init_fn, merge_model, split_model
+from tests.torch_ref import heads as ref_heads
+from tests.torch_ref import resnet as ref_resnet
+from tests.torch_ref import swav as ref
+from tests.torch_ref import vit as ref_vit
+
+B, NITER, EPOCHS, N_LOCAL = 4, 2, 3, 2
+LAYERS = (1, 1, 1, 1)
+HEAD = dict(hidden_mlp=256, feat_dim=32, nmb_prototypes=40)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def _swav_config():
+  c = common.swav_defaults()
+  c.epochs, c.batch_size = EPOCHS, B
+  c.model.dtype = "float32"
+  c.model.hidden_mlp, c.model.feat_dim = HEAD["hidden_mlp"], HEAD["feat_dim"]
+  c.model.nmb_prototypes = HEAD["nmb_prototypes"]
+  c.crops.global_size, c.crops.local_size, c.crops.local_number = 32, 16, N_LOCAL
+  c.loss.queue_length = 2 * B + 1           # trimmed to 2 batches, as the official trims it
+  c.loss.epoch_queue_starts = 1
+  c.optim.lr, c.optim.min_lr, c.optim.start_warmup, c.optim.warmup_epochs = 1.0, 0.1, 0.2, 1
+  # 1e-3 rather than 1e-6: folding the decay into LARC then changes every update visibly, and it dominates the
+  # rounding noise of the one gradient that is exactly 0 (the Linear bias in front of the projection's BatchNorm).
+  c.optim.weight_decay = c.optim.weight_decay_end = 1e-3
+  c.optim.freeze_prototypes_niters = 3
+  return c
+
+
+def _models():
+  """Ours and the PyTorch twin (float64) with identical weights; BatchNorm affine parameters and running statistics
+  randomised (in PyTorch, then imported) so that no tensor starts at norm 0 (LARC's plain-gradient branch for a zero
+  tensor is covered in tests/test_optim_larc.py)."""
+  ours = models.MultiCropWrapper(
+      models.ResNet(LAYERS, rngs=nnx.Rngs(0)),
+      models.SwAVHead(2048, hidden_mlp=HEAD["hidden_mlp"], output_dim=HEAD["feat_dim"],
+                      nmb_prototypes=HEAD["nmb_prototypes"], rngs=nnx.Rngs(1)))
+  net = ref_heads.MultiCropWrapper(ref_resnet.ResNet50(swav=True),
+                                   ref_heads.SwAVHead(2048, HEAD["hidden_mlp"], HEAD["feat_dim"],
+                                                      HEAD["nmb_prototypes"]))
+  for i, n in enumerate(LAYERS):
+    setattr(net.backbone, f"layer{i + 1}", getattr(net.backbone, f"layer{i + 1}")[:n])
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in interop.state_dict(ours).items()}, strict=True)
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+        m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+        m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+  interop.load_state_dict(ours, {k: v.numpy() for k, v in net.state_dict().items()})
+  return ours, net.double()
+
+
+def _crops(it):
+  rng = np.random.default_rng(100 + it)
+  return (rng.normal(size=(2 * B, 32, 32, 3)).astype(np.float32),
+          rng.normal(size=(N_LOCAL * B, 16, 16, 3)).astype(np.float32))
+
+
+def _torch_crops(g, l):
+  t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).double()
+  return [t(g[i * B:(i + 1) * B]) for i in range(2)] + [t(l[i * B:(i + 1) * B]) for i in range(N_LOCAL)]
+
+
+def test_swav_step_matches_official_step_over_six_iterations():
+  config = _swav_config()
+  ours, net = _models()
+  graphdef, params, stats = split_model(ours)
+  schedules = optim.make_schedules(config, NITER)
+  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, NITER))
+  queue = losses.init_queue(config.loss.queue_length, batch_size=B, n_shards=1, n_assign=2, dim=HEAD["feat_dim"])
+  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
+                     teacher_batch_stats=stats, center=None, queue=queue, nonfinite_step=jnp.int32(-1))
+  official = ref.Trainer(net, nmb_crops=(2, N_LOCAL), batch_size=B, epochs=EPOCHS, niter_per_ep=NITER,
+                         feat_dim=HEAD["feat_dim"], base_lr=config.optim.lr, final_lr=config.optim.min_lr,
+                         warmup_epochs=1, start_warmup=config.optim.start_warmup, wd=config.optim.weight_decay,
+                         freeze_prototypes_niters=3, queue_length=config.loss.queue_length, epoch_queue_starts=1)
+  initial = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+  update = jax.jit(functools.partial(steps.swav_update, graphdef=graphdef, tx=tx, schedules=schedules,
+                                     config=config, steps_per_epoch=NITER))
+  normalised = np.asarray(steps.normalize_prototypes(state.params)["head"]["prototypes"]["kernel"])
+  queue_used = []
+  for it in range(EPOCHS * NITER):
+    g, l = _crops(it)
+    if official.loss.queue is not None:
+      official.loss.queue = [q.double() for q in official.loss.queue]   # `start_queue` allocates float32
+    loss_ref = official.step(_torch_crops(g, l))
+    state, metrics = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(it))
+    assert _rel(metrics["loss"], loss_ref) <= 1e-5, (it, float(metrics["loss"]), loss_ref)
+    assert _rel(metrics["lr"], official.lr[it]) <= 1e-6, it
+    # Parameters and BatchNorm running statistics (both in the torch state dict), tensor by tensor.
+    mine = interop.state_dict(merge_model(graphdef, state.params, state.batch_stats))
+    for key, value in net.state_dict().items():
+      assert _rel(mine[key], value.numpy()) <= 1e-4, (it, key, _rel(mine[key], value.numpy()))
+    if official.queue is None:
+      assert not np.any(state.queue), it
+    else:
+      assert _rel(state.queue[:, 0], official.queue) <= 1e-4, it
+    # The teacher slot holds the trained network (what the k-NN evaluation reads); XLA may compute the running
+    # statistics once per output slot, so they agree to the last bit rather than exactly.
+    for a, b in zip(jax.tree.leaves(state.teacher), jax.tree.leaves(state.params)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(state.teacher_batch_stats), jax.tree.leaves(state.batch_stats)):
+      assert _rel(a, b) <= 1e-6, it
+    frozen = it < 3
+    prototypes = np.asarray(state.params["head"]["prototypes"]["kernel"])
+    moved = _rel(prototypes, normalised)   # normalised in every iteration, updated only once unfrozen
+    assert (moved <= 1e-6) if frozen else (moved > 1e-4), (it, moved)
+    queue_used.append(float(metrics["queue_used"]))
+  assert queue_used == [0, 0, 0, 0, 1, 1]
+  assert np.all(np.any(state.queue != 0, axis=-1))
+
+  # A non-finite loss freezes the whole state, queue and running statistics included (steps.commit).
+  good = jax.device_get(state)
+  g, l = _crops(6)
+  g[1, 3, 3, 0] = np.nan
+  state, metrics = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(6))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(state.nonfinite_step) == 6 and int(state.step) == 7
+  for a, b in zip(jax.tree.leaves((good.params, good.opt_state, good.queue, good.batch_stats)),
+                  jax.tree.leaves((state.params, state.opt_state, state.queue, state.batch_stats))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  # The updates themselves agree, not only the weights they were added to.
+  for key, value in net.state_dict().items():
+    if key.endswith("num_batches_tracked"):
+      continue
+    delta_ref = value.numpy() - initial[key]
+    assert np.max(np.abs(delta_ref)) > 1e-3 * np.max(np.abs(initial[key])), key      # it moved
+    assert _rel(mine[key] - initial[key], delta_ref) <= 1e-2, (key, _rel(mine[key] - initial[key], delta_ref))
+
+
+def test_init_allocates_the_queue_per_shard():
+  """make_init_fn: an all-zero queue [n_assign, n_shards, rows per shard, D] sized like the official, none when the
+  queue is shorter than a batch, and teacher == params for SwAV."""
+  config = _swav_config()
+  config.model.arch, config.model.patch_size = "vit_tiny", 8
+  config.model.overrides = {"depth": 1, "embed_dim": 16, "num_heads": 2, "img_size": 32}
+  config.loss.queue_length, config.batch_size = 3840, 256
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1), None)
+  state = jax.eval_shape(make_init_fn(config, tx, n_shards=4))
+  assert state.queue.shape == (2, 4, 960, HEAD["feat_dim"]) and state.center is None
+  config.loss.queue_length = 255
+  assert jax.eval_shape(make_init_fn(config, tx, n_shards=4)).queue is None
+
+
+# ---- DINO with Sinkhorn-Knopp instead of centring (DINOv2) --------------------------------------------------------
+def test_dino_sinkhorn_centering_matches_direct_computation():
+  """loss.centering='sinkhorn': the teacher targets are Sinkhorn-Knopp codes of the raw teacher logits of both global
+  crops together ([2B, K], epsilon = the teacher temperature of the epoch, 3 iterations), as DINOv2's
+  `sinkhorn_knopp_teacher`; the student is trained with DINO's cross-entropy against them. Computed here directly:
+  the teacher logits from a torch copy of the network, the codes from the official SwAV Sinkhorn (tests/torch_ref)."""
+  vit = dict(depth=1, embed_dim=16, num_heads=2, img_size=16)
+  c = common.dino_defaults()
+  c.epochs, c.batch_size = 2, B
+  c.model.dtype, c.model.out_dim, c.model.drop_path_rate = "float32", 24, 0.0
+  c.model.head_hidden_dim, c.model.head_bottleneck_dim = 32, 8
+  c.loss.centering = "sinkhorn"
+  c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs = 0.04, 0.07, 1
+  c.crops.global_size, c.crops.local_size, c.crops.local_number = 16, 8, N_LOCAL
+  rngs = nnx.Rngs(0)
+  ours = models.MultiCropWrapper(models.vit_tiny(patch_size=4, rngs=rngs, **vit),
+                                 models.DINOHead(16, 24, hidden_dim=32, bottleneck_dim=8, rngs=rngs))
+  net = ref_heads.MultiCropWrapper(ref_vit.VisionTransformer(patch_size=4, **vit),
+                                   ref_heads.DINOHead(16, 24, hidden_dim=32, bottleneck_dim=8))
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in interop.state_dict(ours).items()}, strict=True)
+  graphdef, params, stats = split_model(ours)
+  schedules = optim.make_schedules(c, NITER)
+  tx = optim.make_optimizer(c, schedules, optim.make_freeze_fn(c, NITER))
+  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
+                     teacher_batch_stats=stats, center=jnp.zeros(24), queue=None, nonfinite_step=jnp.int32(-1))
+  update = jax.jit(functools.partial(steps.dino_update, graphdef=graphdef, tx=tx, schedules=schedules, config=c,
+                                     steps_per_epoch=NITER))
+  rng = np.random.default_rng(5)
+  g = rng.normal(size=(2 * B, 16, 16, 3)).astype(np.float32)
+  l = rng.normal(size=(N_LOCAL * B, 8, 8, 3)).astype(np.float32)
+  _, metrics = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(0))
+
+  t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    teacher = net([t(g)]).double()
+    student = net([t(g), t(l)]).double()
+  codes = ref.distributed_sinkhorn([teacher], epsilon=0.04, iterations=3)[0]   # epoch 0: warm-up temperature
+  log_p = torch.log_softmax(student / 0.1, dim=-1).chunk(2 + N_LOCAL)
+  q = codes.chunk(2)
+  terms = [-(q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(2 + N_LOCAL) if v != i]
+  expected = float(sum(terms) / len(terms))
+  assert abs(float(metrics["loss"]) - expected) <= 1e-5 * abs(expected)
+  # The test tells the two paths apart: centring (the centre is 0 at the first step) gives another loss.
+  q = torch.softmax(teacher / 0.04, dim=-1).chunk(2)
+  centred = float(sum(-(q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(2 + N_LOCAL) if v != i))
+  assert abs(centred / len(terms) - expected) > 1e-3 * abs(expected)
