@@ -9,8 +9,12 @@ Precision: parameters are fp32, matmuls run in `dtype`. The residual stream stay
 cls token and positional embedding promote it, bf16 branch outputs are added to it), which is
 what PyTorch autocast does in the official fp16 training; LayerNorm statistics and the attention
 softmax are fp32.
+
+Attention: `attention_impl=None` (the default) picks cuDNN flash attention at trace time on a GPU
+in bf16/fp16 and XLA elsewhere (`resolve_attention_impl`); 'xla' or 'cudnn' force one.
 """
 import math
+import warnings
 from functools import lru_cache
 
 import jax
@@ -59,6 +63,35 @@ def padded_attention(q, k, v, *, implementation, scale=None, multiple=8):
   out = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation=implementation)
   return out[:, :t]
+
+
+_FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_attention_impl(impl, dtype, head_dim, backend=None):
+  """The `jax.nn.dot_product_attention` implementation to use: 'cudnn' or 'xla'.
+
+  An explicit 'xla' or 'cudnn' is kept. None picks cuDNN flash attention when it applies: on a
+  GPU backend (`backend`, default `jax.default_backend()`, read at trace time), for bf16/fp16
+  inputs and head dims cuDNN accepts (a multiple of 8, at most 128 on every GPU generation);
+  otherwise XLA (fp32, CPU, TPU). jax's own `implementation=None` means XLA (jax 0.10), hence
+  the choice made here. Should jax still refuse cuDNN when tracing (an old cuDNN), the automatic
+  choice falls back to XLA with a warning. The attention maps (`Attention.weights`) need the
+  weights and always use the explicit softmax.
+  """
+  if impl is not None:
+    return impl
+  backend = jax.default_backend() if backend is None else backend
+  dtype_ok = any(jnp.dtype(dtype) == jnp.dtype(d) for d in _FLASH_DTYPES)
+  if backend == "gpu" and dtype_ok and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def _warn_cudnn_fallback(error):
+  # warnings (not logging): shown once per distinct message, not once per traced block.
+  warnings.warn(f"cuDNN flash attention unavailable ({error}); using XLA attention", RuntimeWarning,
+                stacklevel=3)
 
 
 @lru_cache(maxsize=64)
@@ -125,10 +158,18 @@ class Attention(nnx.Module):
 
   def __call__(self, x):
     q, k, v = self._qkv(x)
-    if self.attention_impl == "cudnn":
-      y = padded_attention(q, k, v, implementation="cudnn", scale=self.scale)
-    else:
-      y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
+    y = None
+    if resolve_attention_impl(self.attention_impl, q.dtype, q.shape[-1]) == "cudnn":
+      try:
+        y = padded_attention(q, k, v, implementation="cudnn", scale=self.scale)
+      except (NotImplementedError, RuntimeError) as e:
+        # jax refuses cuDNN at trace time on GPUs/cuDNN versions without the kernel. An explicit request
+        # fails; the automatic choice falls back to XLA.
+        if self.attention_impl == "cudnn":
+          raise
+        _warn_cudnn_fallback(e)
+    if y is None:
+      y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation="xla")
     return self.proj(y.reshape(x.shape))
 
 
