@@ -5,22 +5,48 @@ Used at the end of training and by `python -m dino_jax.evaluate --workdir=DIR`.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import ConfigDict
 
-from dino_jax import losses
+from dino_jax import checkpoint as ckpt_lib
+from dino_jax import losses, optim, sharding
 from dino_jax.data import sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate import knn as knn_lib
-from dino_jax.state import build_backbone, build_model, compute_dtype, split_model
+from dino_jax.state import build_backbone, build_model, compute_dtype, make_init_fn, split_model
 
 
 def _progress(desc):
   from tqdm import tqdm  # noqa: PLC0415
   return lambda it: tqdm(it, desc=desc, leave=False, disable=jax.process_index() != 0)
+
+
+def load_run(workdir, step=None):
+  """(config, state) of a run's checkpoint, the state restored on this host's devices.
+
+  Lives here rather than in __main__ so that other entry points (dino_jax.convert, tests) can import it without
+  defining the evaluation's command-line flags.
+  """
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"))
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  config = ConfigDict(checkpoints.saved_config(step))
+  # The optimiser state's structure does not depend on the schedule values: any steps_per_epoch builds it.
+  schedules = optim.make_schedules(config, 1)
+  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, 1))
+  mesh = sharding.make_mesh()
+  abstract = jax.eval_shape(make_init_fn(config, tx))
+  state_sh = sharding.state_shardings(mesh, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  state = checkpoints.restore(abstract, step=step)
+  checkpoints.close()
+  return config, state
 
 
 def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="") -> dict:
