@@ -31,23 +31,24 @@ class Bottleneck(nn.Module):
 
 class ResNet50(nn.Module):
   """torchvision.models.resnet50 layout; `fc` only when num_classes > 0. swav=True reproduces the
-  SwAV stem (ConstantPad2d(1) then a 7x7 conv with padding 2)."""
+  SwAV stem (ConstantPad2d(1) then a 7x7 conv with padding 2). `width` (64 in ResNet-50) narrows
+  it for fast tests; the output has 32 * width features."""
 
-  def __init__(self, num_classes=0, swav=False):
+  def __init__(self, num_classes=0, swav=False, width=64):
     super().__init__()
     self.swav = swav
-    self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=2 if swav else 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    c_in = 64
+    self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=2 if swav else 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    c_in = width
     for i, n in enumerate((3, 4, 6, 3)):
-      planes = 64 * 2 ** i
+      planes = width * 2 ** i
       blocks = []
       for j in range(n):
         blocks.append(Bottleneck(c_in, planes, 2 if i > 0 and j == 0 else 1))
         c_in = 4 * planes
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
     if num_classes:
-      self.fc = nn.Linear(2048, num_classes)
+      self.fc = nn.Linear(c_in, num_classes)
     for m in self.modules():
       if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -74,10 +75,10 @@ class ResNet50(nn.Module):
 class SwAVResNet50(ResNet50):
   """SwAV's model: backbone, projection head, L2-normalisation, prototypes in one module."""
 
-  def __init__(self, hidden_mlp=2048, output_dim=128, nmb_prototypes=3000):
-    super().__init__(swav=True)
-    self.projection_head = swav_projection(2048, hidden_mlp, output_dim)
-    self.prototypes = nn.Linear(output_dim or 2048, nmb_prototypes, bias=False)
+  def __init__(self, hidden_mlp=2048, output_dim=128, nmb_prototypes=3000, width=64):
+    super().__init__(swav=True, width=width)
+    self.projection_head = swav_projection(32 * width, hidden_mlp, output_dim)
+    self.prototypes = nn.Linear(output_dim or 32 * width, nmb_prototypes, bias=False)
 
   def forward(self, x):
     x = self.features(x)
