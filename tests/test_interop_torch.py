@@ -4,6 +4,7 @@ Round trips must be bit-identical; exports must load with `load_state_dict(stric
 our PyTorch references of the official modules; mismatches must be reported key by key.
 """
 import argparse
+import functools
 import subprocess
 import sys
 
@@ -20,10 +21,21 @@ from tests.torch_ref.resnet import ResNet50, SwAVResNet50
 from tests.torch_ref.vit import vit as torch_vit
 
 
+@functools.cache
+def _shapes(make):
+  return nnx.eval_shape(make)
+
+
+def abstract(make):
+  """A fresh abstract module (no JAX initialisation). Tracing a ResNet-50's init takes seconds, so the shapes of a
+  module-level factory are traced once and cloned."""
+  return nnx.clone(_shapes(make))
+
+
 def randomised(make, seed=0):
   """A module whose every variable (params, running stats, counters) holds random values;
   built abstractly (no JAX initialisation) to stay fast."""
-  module = nnx.eval_shape(make)
+  module = abstract(make)
   rng = np.random.default_rng(seed)
   leaves = []
   for path, var in nnx.to_flat_state(nnx.state(module)):
@@ -54,6 +66,10 @@ def torch_dino(use_bn=True, norm_last_layer=False):
                                                        hidden_dim=64, bottleneck_dim=32))
 
 
+def rn50():
+  return resnet50(rngs=nnx.Rngs(0))
+
+
 def swav_model():
   return MultiCropWrapper(resnet50(rngs=nnx.Rngs(0)), SwAVHead(2048, nmb_prototypes=300, rngs=nnx.Rngs(0)))
 
@@ -78,7 +94,7 @@ def test_dino_import_export_import_is_bit_identical(tmp_path):
   ckpt = interop.export_checkpoint(student, "dino", teacher=nnx.state(teacher))
   interop.save_pth(dict(ckpt, epoch=3, args=argparse.Namespace(arch="vit_tiny")), tmp_path / "checkpoint.pth")
   loaded = interop.load_pth(tmp_path / "checkpoint.pth")
-  student2, teacher2 = nnx.eval_shape(dino_model), nnx.eval_shape(dino_model)
+  student2, teacher2 = abstract(dino_model), abstract(dino_model)
   interop.import_checkpoint(student2, loaded, checkpoint_key="student")
   interop.import_checkpoint(teacher2, loaded, checkpoint_key="teacher")
   assert_bit_identical(values(student2), values(student))
@@ -104,14 +120,15 @@ def test_dino_export_loads_strictly_into_official_modules():
 
 def test_backbone_exports_load_strictly():
   """dino_vits16_pretrain.pth-style ViT; torchvision ResNet-50 without fc (DINO's resnet release)."""
-  vit = randomised(tiny_vit)
-  sd = interop.export_checkpoint(MultiCropWrapper(vit, DINOHead(192, 8, rngs=nnx.Rngs(0))), "backbone")
+  wrapper = randomised(dino_model)
+  sd = interop.export_checkpoint(wrapper, "backbone")
+  assert_bit_identical(sd, interop.state_dict(wrapper.backbone))
   torch_vit("vit_tiny", depth=2, img_size=32).load_state_dict(strip(sd), strict=True)
-  rn = randomised(lambda: resnet50(rngs=nnx.Rngs(0)))
+  rn = randomised(rn50)
   sd = interop.export_checkpoint(rn, "backbone")
   ResNet50().load_state_dict(strip(sd), strict=True)
   assert sd["bn1.num_batches_tracked"].dtype == np.int64 and sd["conv1.weight"].shape == (64, 3, 7, 7)
-  back = nnx.eval_shape(lambda: resnet50(rngs=nnx.Rngs(0)))
+  back = abstract(rn50)
   interop.load_state_dict(back, sd)
   assert_bit_identical(values(back), values(rn))
 
@@ -123,7 +140,7 @@ def test_swav_round_trip_and_strict_load(tmp_path):
   SwAVResNet50(nmb_prototypes=300).load_state_dict(strip(sd), strict=True)
   # A main_swav.py training checkpoint keeps the same dict under 'state_dict'.
   interop.save_pth({"epoch": 5, "state_dict": sd, "optimizer": {"state": {}}}, tmp_path / "ckp.pth")
-  back = nnx.eval_shape(swav_model)
+  back = abstract(swav_model)
   interop.import_checkpoint(back, interop.load_pth(tmp_path / "ckp.pth"))
   assert_bit_identical(values(back), values(model))
   assert_bit_identical(interop.export_checkpoint(back, "swav"), sd)
@@ -134,7 +151,7 @@ def test_backbone_from_full_checkpoints_sets_heads_aside():
   head/classifier keys are set aside with a note rather than silently."""
   student, teacher = randomised(dino_model, 0), randomised(dino_model, 1)
   ckpt = interop.export_checkpoint(student, "dino", teacher=teacher)
-  vit = nnx.eval_shape(tiny_vit)
+  vit = abstract(tiny_vit)
   notes = interop.import_checkpoint(vit, ckpt)
   assert len(notes) == 1 and "head.mlp.0.weight" in notes[0] and "head.last_layer.weight_v" in notes[0]
   assert_bit_identical(values(vit), values(teacher.backbone))
@@ -151,7 +168,7 @@ def test_backbone_from_full_checkpoints_sets_heads_aside():
   swav = randomised(swav_model)
   tv = dict(interop.state_dict(swav.backbone), **{"fc.weight": np.zeros((1000, 2048), np.float32),
                                                    "fc.bias": np.zeros(1000, np.float32)})
-  rn = nnx.eval_shape(lambda: resnet50(rngs=nnx.Rngs(0)))
+  rn = abstract(rn50)
   assert "fc.weight" in interop.import_checkpoint(rn, tv)[0]
   notes = interop.import_checkpoint(rn, interop.export_checkpoint(swav, "swav"))
   assert "projection_head.0.weight" in notes[0] and "prototypes.weight" in notes[0]
@@ -203,9 +220,9 @@ def test_weight_norm_gain_handling():
 
 def test_bad_checkpoint_objects_are_named():
   with pytest.raises(ValueError, match=r"no state dict under 'teacher'.*\['epoch', 'optimizer'\]"):
-    interop.import_checkpoint(nnx.eval_shape(tiny_vit), {"epoch": 1, "optimizer": {}})
+    interop.import_checkpoint(abstract(tiny_vit), {"epoch": 1, "optimizer": {}})
   with pytest.raises(TypeError, match="kind='dino' needs a MultiCropWrapper"):
-    interop.export_checkpoint(nnx.eval_shape(tiny_vit), "dino")
+    interop.export_checkpoint(abstract(tiny_vit), "dino")
 
 
 def test_importing_dino_jax_does_not_import_torch():

@@ -75,30 +75,37 @@ def stagewise_errors(ref, ours, x, train):
   return errs
 
 
-def end_to_end(ref, ours, x, train):
-  """(our error, PyTorch fp32's own error), both against the reference run in float64.
-
-  A randomly initialised ResNet-50 amplifies float32 rounding through its 53 BatchNorms: with
-  train-mode statistics over a few values, PyTorch fp32 itself is ~1e-4 away from fp64 at this
-  size (measured), so end to end we require our error to be of the same order as PyTorch's;
-  the 1e-5 bound is checked stage by stage above, on identical inputs.
-  """
-  ref32, ref64 = copy.deepcopy(ref).train(train), copy.deepcopy(ref).double().train(train)
+def end_to_end_train(ref, ours, x):
+  """(our error, PyTorch fp32's own error) in train mode, both against the reference run in float64."""
+  ref32, ref64 = copy.deepcopy(ref).train(), copy.deepcopy(ref).double().train()
   with torch.no_grad():
     want, theirs = ref64(x.double()), ref32(x)
-  got = nnx.clone(ours)(nhwc(x), train=train)  # eager: the ops are compiled by stagewise_errors
+  got = nnx.clone(ours)(nhwc(x), train=True)
   return rel_err(got, want), rel_err(theirs, want)
 
 
 def test_resnet50_parity_train_then_eval(twin):
+  """Train mode (batch statistics, and the running statistics they leave), then eval mode (running statistics).
+
+  Tolerances. Eval mode: 1e-5 end to end. Train mode: 1e-5 for the stem and for each of the 16 bottlenecks fed the
+  reference's own input, but end to end only "at most 3x PyTorch's own fp32 error, both measured against PyTorch in
+  float64". Why: a randomly initialised ResNet-50 in train mode renormalises each of its 53 BatchNorms with
+  statistics of a handful of values (batch 2; 2x2 pixels in layer4), which amplifies float32 rounding layer after
+  layer. PyTorch's own fp32 forward is ~1e-4 away from its float64 forward here (measured: 1.1e-4; ours 1.4e-4), so
+  no fp32 implementation, PyTorch's included, can meet 1e-5 end to end. Stage by stage nothing amplifies and 1e-5
+  holds (measured ~1e-6); end to end we ask to be within the reference implementation's own fp32 noise.
+  """
   ref, ours = twin
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-  for train in (True, False):  # batch statistics (and their running update), then running statistics
-    errs = stagewise_errors(ref, ours, x, train)
-    assert len(errs) == 17 and max(errs) <= TOL, errs
+  errs = stagewise_errors(ref, ours, x, train=True)
+  assert len(errs) == 17 and max(errs) <= TOL, errs
   assert_same_state(ours, ref)  # running means/vars (unbiased update) and num_batches_tracked
-  ours_err, torch_err = end_to_end(ref, ours, x, train=True)
-  assert ours_err <= max(TOL, 3 * torch_err), (ours_err, torch_err)
+  ours_err, torch_err = end_to_end_train(ref, ours, x)  # on copies: the running statistics stay as they are
+  assert ours_err <= 3 * torch_err, (ours_err, torch_err)
+  # Eval mode amplifies nothing (fixed affine maps): 1e-5 end to end, with the statistics updated above.
+  with torch.no_grad():
+    want = ref.eval()(x)
+  assert rel_err(ours(nhwc(x), train=False), want) <= TOL
 
 
 def test_swav_model_parity():
@@ -124,19 +131,20 @@ def test_swav_model_parity():
 
 
 def test_parameter_count_and_init():
-  with torch.device("meta"):
-    official = sum(p.numel() for p in ResNet50().parameters())
+  official = sum(p.numel() for p in ResNet50().parameters())  # CPU: faster than a first meta-device build
   assert official == 23_508_032  # torchvision's 25,557,032 minus fc (2048*1000 + 1000)
   m = nnx.eval_shape(lambda: resnet50(rngs=nnx.Rngs(0)))
   assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(m, nnx.Param))) == official
   # Initialisation, checked on one block (layer2.0's shapes) to keep the test fast:
   # kaiming_normal_(mode='fan_out', nonlinearity='relu'): std sqrt(2 / (out * kh * kw)), untruncated.
-  blk = Bottleneck(256, 128, 2, jnp.float32, nnx.Rngs(0))
-  w = np.asarray(blk.conv2.kernel[...])
+  make = lambda: Bottleneck(256, 128, 2, jnp.float32, nnx.Rngs(0))
+  blk = nnx.eval_shape(make)
+  w, scale, bias = map(np.asarray, jax.jit(  # compiled init of only what is checked
+      lambda: (lambda b: (b.conv2.kernel[...], b.bn3.scale[...], b.bn3.bias[...]))(make()))())
   assert w.shape == (3, 3, 128, 128) and blk.conv2.strides == (2, 2)  # v1.5: stride on the 3x3 conv
   assert abs(w.std() / np.sqrt(2 / (128 * 9)) - 1) < 0.02 and np.abs(w).max() > 3.5 * w.std()
   assert blk.conv1.strides == (1, 1) and blk.downsample[0].strides == (2, 2) and blk.conv1.bias is None
-  assert (np.asarray(blk.bn3.scale[...]) == 1).all() and not np.asarray(blk.bn3.bias[...]).any()
+  assert (scale == 1).all() and not bias.any()
 
 
 def test_batchnorm_running_stats_match_torch():
