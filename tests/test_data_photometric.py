@@ -4,6 +4,8 @@ Every op is compared with the PIL operation on the same uint8 crop. The toleranc
 ops emulate Pillow's integer and float32 arithmetic (see photometric.py), and these tests hold
 them to identical pixels on CPU.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,14 +48,17 @@ def assert_pixels_equal(ours, theirs):
 
 
 def test_rgb_hsv_conversions_match_pillow_for_every_colour():
-  colours = np.arange(1 << 24, dtype=np.uint32)
-  rgb = np.stack([(colours >> s) & 255 for s in (16, 8, 0)], -1).astype(np.uint8)
-  image = rgb.reshape(4096, 4096, 3)
+  levels = np.arange(256, dtype=np.uint8)
+  image = np.empty((256, 256, 256, 3), np.uint8)  # image[r, g, b] = (r, g, b)
+  image[..., 0], image[..., 1], image[..., 2] = (levels[:, None, None], levels[None, :, None],
+                                                 levels[None, None, :])
+  image = image.reshape(4096, 4096, 3)
   hsv = np.asarray(Image.fromarray(image, 'RGB').convert('HSV'))
-  ours = jax.jit(P.rgb_to_hsv)(jnp.asarray(image, jnp.int32))
-  assert_pixels_equal(jnp.stack(ours, -1), hsv)
+  # uint8 in, int32 inside the jit: a quarter of the transfer.
+  ours = jax.jit(lambda x: jnp.stack(P.rgb_to_hsv(x.astype(jnp.int32)), -1))(image)
+  assert_pixels_equal(ours, hsv)
   back = np.asarray(Image.fromarray(image, 'HSV').convert('RGB'))  # every (h, s, v) triple
-  ours = jax.jit(P.hsv_to_rgb)(*(jnp.asarray(image[..., i], jnp.int32) for i in range(3)))
+  ours = jax.jit(lambda x: P.hsv_to_rgb(*(x[..., i].astype(jnp.int32) for i in range(3))))(image)
   assert_pixels_equal(ours, back)
 
 
@@ -159,41 +164,56 @@ def test_sampled_parameters_follow_the_official_distributions():
   np.testing.assert_allclose(hi, [1.4, 1.4, 1.2, 0.1], atol=1e-3)
   assert 0.1 <= p['sigma'].min() and p['sigma'].max() <= 2.0
   assert abs(p['sigma'].mean() - 1.05) < tol
+  # SwAV: one probability for every crop of a group, stronger jitter.
+  swav = P.default_config('swav')
+  p = jax.tree.map(np.asarray, P.sample_params(
+      jax.random.key(1), (n, 2), jitter=swav.jitter, jitter_p=swav.jitter_p, gray_p=swav.gray_p,
+      blur_p=swav.blur_p_global, blur_sigma=swav.blur_sigma, solarize_p=swav.solarize_p_global))
+  np.testing.assert_allclose(p['blur'].mean(0), [0.5, 0.5], atol=tol)
+  assert not p['solarize'].any()
+  np.testing.assert_allclose(p['factors'].min((0, 1)), [0.2, 0.2, 0.2, -0.2], atol=1e-3)
+  np.testing.assert_allclose(p['factors'].max((0, 1)), [1.8, 1.8, 1.8, 0.2], atol=1e-3)
+
+
+# The statistics test's batch: DINO's augmentation is compiled once for the two tests that use it.
+N_DRAWS, GLOBAL_SIZE, LOCAL_SIZE = 400, 32, 16
+
+
+@functools.cache
+def dino_augment():
+  aug = P.default_config('dino')
+  return jax.jit(lambda batch, key: P.augment(batch, key, aug))
 
 
 def test_augment_batch_shapes_dtypes_and_determinism():
-  """SwAV settings here (one probability for all crops, bfloat16 out); DINO's run in the
-  statistics test below. One compilation each keeps the file fast."""
   rng = np.random.default_rng(0)
-  batch = {'global': rng.integers(0, 256, (4, 2, 16, 16, 3), dtype=np.uint8),
-           'local': rng.integers(0, 256, (4, 3, 8, 8, 3), dtype=np.uint8)}
-  aug = P.default_config('swav')
-  aug.dtype = 'bfloat16'
-  fn = jax.jit(lambda b, k: P.augment(b, k, aug))
+  batch = {'global': rng.integers(0, 256, (N_DRAWS, 2, GLOBAL_SIZE, GLOBAL_SIZE, 3), dtype=np.uint8),
+           'local': rng.integers(0, 256, (N_DRAWS, 2, LOCAL_SIZE, LOCAL_SIZE, 3), dtype=np.uint8)}
+  fn = dino_augment()
   a = fn(batch, jax.random.key(1))
-  assert a['global'].shape == (4, 2, 16, 16, 3) and a['local'].shape == (4, 3, 8, 8, 3)
-  assert a['global'].dtype == a['local'].dtype == jnp.bfloat16
+  assert a['global'].shape == batch['global'].shape and a['local'].shape == batch['local'].shape
+  assert a['global'].dtype == a['local'].dtype == jnp.float32
   np.testing.assert_array_equal(a['global'], fn(batch, jax.random.key(1))['global'])
   assert not np.array_equal(a['global'], fn(batch, jax.random.key(2))['global'])
-  # Per-crop randomness: identical input crops come out differently (except the ~10% that
-  # draw no operation at all and stay equal).
+  # Per-crop randomness: identical input crops come out differently. A local crop is left alone
+  # with probability 0.2 (no jitter) * 0.8 (no grey) * 0.5 (no blur) = 8%; global crop 2 likewise
+  # (blur 0.1, solarise 0.2): 11.5%; global crop 1 is always blurred, sigma differing per crop.
   same = {k: np.broadcast_to(v[:1, :1], v.shape) for k, v in batch.items()}
   out = fn(same, jax.random.key(5))
   for name in ('global', 'local'):
-    crops = np.asarray(out[name].astype(jnp.float32)).reshape((-1,) + out[name].shape[2:])
+    crops = np.asarray(out[name]).reshape((-1,) + out[name].shape[2:])
     assert len({c.tobytes() for c in crops}) >= 0.75 * len(crops), name
 
 
-def test_zero_probabilities_reduce_to_normalisation_and_gray_p_one_to_grey():
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+def test_zero_probabilities_reduce_to_normalisation_and_gray_p_one_to_grey(crops):
+  # The crops' shape (and P.apply's defaults) of the random-chain test: one compilation for both.
   sample = lambda key, gray_p: P.sample_params(
-      key, (6,), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.0, gray_p=gray_p, blur_p=0.0,
+      key, (len(crops),), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.0, gray_p=gray_p, blur_p=0.0,
       blur_sigma=(0.1, 2.0), solarize_p=0.0)
   apply = jax.jit(P.apply)
-  np.testing.assert_array_equal(apply(x, sample(jax.random.key(0), 0.0)), x)
-  grey = np.asarray(apply(x, sample(jax.random.key(0), 1.0)))
-  assert_pixels_equal(grey, pil_each(ref.grayscale3, x))
+  np.testing.assert_array_equal(apply(jnp.asarray(crops), sample(jax.random.key(0), 0.0)), crops)
+  grey = np.asarray(apply(jnp.asarray(crops), sample(jax.random.key(0), 1.0)))
+  assert_pixels_equal(grey, pil_each(ref.grayscale3, crops))
 
 
 def test_whole_augmentation_statistics_match_data_augmentation_dino():
@@ -203,16 +223,18 @@ def test_whole_augmentation_statistics_match_data_augmentation_dino():
 
   photo = Image.fromarray(load_sample_image('china.jpg')).resize((80, 60), Image.BICUBIC)
   data = np.asarray(photo)
-  n, torch_rng = 400, torch.manual_seed(0)
-  official = ref.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, global_size=32, local_size=16)
+  n, torch_rng = N_DRAWS, torch.manual_seed(0)
+  official = ref.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, global_size=GLOBAL_SIZE,
+                                      local_size=LOCAL_SIZE)
   theirs = [official(photo) for _ in range(n)]
   theirs = {'global': np.stack([[t.permute(1, 2, 0).numpy() for t in crops[:2]] for crops in theirs]),
             'local': np.stack([[t.permute(1, 2, 0).numpy() for t in crops[2:]] for crops in theirs])}
-  multi = MultiCrop((CropGroup('global', 32, 2, (0.4, 1.0)), CropGroup('local', 16, 2, (0.05, 0.4))))
+  multi = MultiCrop((CropGroup('global', GLOBAL_SIZE, 2, (0.4, 1.0)),
+                     CropGroup('local', LOCAL_SIZE, 2, (0.05, 0.4))))
   rng = np.random.default_rng(0)
   crops = [multi({'image': data}, rng) for _ in range(n)]
   batch = {k: np.stack([c[k] for c in crops]) for k in ('global', 'local')}
-  ours = jax.jit(lambda b, k: P.augment(b, k, P.default_config('dino')))(batch, jax.random.key(0))
+  ours = dino_augment()(batch, jax.random.key(0))
   assert ours['global'].dtype == ours['local'].dtype == jnp.float32
   ours = jax.tree.map(np.asarray, ours)
   del torch_rng
