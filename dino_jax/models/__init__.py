@@ -7,7 +7,7 @@ from dino_jax.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
 from dino_jax.models.wrapper import MultiCropWrapper
 
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
-BACKBONES = (*_VITS, "resnet50")
+BACKBONES = (*_VITS, "resnet50", "resnet")
 
 
 def build_backbone(name, *, patch_size=16, drop_path_rate=0.0, dtype=jnp.float32, rngs, **overrides):
@@ -19,6 +19,8 @@ def build_backbone(name, *, patch_size=16, drop_path_rate=0.0, dtype=jnp.float32
                        **overrides)
   if name == "resnet50":
     return resnet50(dtype=dtype, rngs=rngs, **overrides)
+  if name == "resnet":  # any depth/width of the same bottleneck family, e.g. small CPU models
+    return ResNet(dtype=dtype, rngs=rngs, **overrides)
   raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
 
 
