@@ -79,7 +79,14 @@ class Checkpoints:
                          f"resume:\n  " + "\n  ".join(diffs) + "\nUse another --workdir or the same config.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      data_file = os.path.join(self.directory, str(step), "data",
+                               f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      if os.path.exists(data_file):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:  # e.g. a run imported from a .pth by dino_jax.convert, or resumed on another number of processes
+        logging.warning("checkpoint %s/%d has no data position for process %d of %d: the input pipeline starts "
+                        "from the beginning of the data stream", self.directory, step, jax.process_index(),
+                        jax.process_count())
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored %s at step %d", self.directory, step)
     return restored.state

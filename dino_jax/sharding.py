@@ -31,7 +31,16 @@ def maybe_initialize_distributed():
 
 
 def make_mesh(devices=None):
+  """1-D mesh over all devices, grouped by process.
+
+  Process-major order makes process p's rows of a global batch the contiguous block [p*b, (p+1)*b), which is what
+  the input pipeline hands it: the global batch, and the per-sample augmentation drawn over it, are then the same
+  for any number of processes.
+  """
   devices = jax.devices() if devices is None else devices
+  order = [d.process_index for d in devices]
+  if order != sorted(order):
+    raise ValueError(f"mesh devices must be grouped by process (process indices {order})")
   return jax.sharding.Mesh(np.asarray(devices), (DATA,))
 
 

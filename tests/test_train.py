@@ -29,7 +29,7 @@ def _config(**overrides):
 
 
 def _params(workdir):
-  from dino_jax.evaluate.__main__ import load_run  # noqa: PLC0415
+  from dino_jax.evaluate.run import load_run  # noqa: PLC0415
   _, state = load_run(workdir)
   return jax.device_get(state)
 
@@ -71,24 +71,26 @@ def test_resume_refuses_another_architecture(tmp_path):
     train.train_and_evaluate(other, str(tmp_path))
 
 
-def _parse(argv):
+def _parse(path, *overrides):
+  """Parse `--config=path --config.x=y ...` the way `python -m dino_jax.train` does (config_flags, locked)."""
+  argv = ["prog", f"--config={path}", *overrides]
   fv = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  fv(["prog", *argv])
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
   return holder.value
 
 
 def test_config_overrides_from_the_command_line():
-  c = _parse([f"--config={QUICKSTART}", "--config.model.out_dim=4096", "--config.optim.lr=0.002",
-              "--config.crops.local_number=0", "--config.data.source=imagefolder:/data/x"])
+  c = _parse(QUICKSTART, "--config.model.out_dim=4096", "--config.optim.lr=0.002",
+             "--config.crops.local_number=0", "--config.data.source=imagefolder:/data/x")
   assert c.model.out_dim == 4096 and c.optim.lr == 0.002 and c.crops.local_number == 0
   assert c.data.source == "imagefolder:/data/x"
-  assert _parse([f"--config={QUICKSTART}:test"]).model.overrides.depth == 1
+  assert _parse(f"{QUICKSTART}:test").model.overrides.depth == 1
 
 
 def test_unknown_config_key_fails_naming_it():
   with pytest.raises(Exception, match="not_a_key"):
-    _parse([f"--config={QUICKSTART}", "--config.optim.not_a_key=1"])
+    _parse(QUICKSTART, "--config.optim.not_a_key=1")
 
 
 def _run_cli(*args):
