@@ -3,11 +3,19 @@ r"""DINO on the embedded digits dataset, sized for a 2-core CPU (`make quickstar
   python -m dino_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
 Data: scikit-learn's 1,797 handwritten digits (real 8x8 scans shipped inside the package, no download), upsampled
-to 16x16; 1,437 train / 360 test images (`digits:train`, `digits:test`). A small ViT (patch 4, 4 blocks, width 128)
-trains with the official DINO recipe scaled down (2 global 16-px crops + 4 local 8-px crops, AdamW with warm-up and
-cosine, teacher EMA cosine 0.996 -> 1, centring, last layer frozen for the first epoch), then the teacher backbone is
-evaluated with the official weighted 20-NN (T = 0.07) against the same architecture at random initialisation.
-What it reaches is in README.md (measured with this command).
+to 32x32 once; 1,437 train / 360 test images (`digits:train`, `digits:test`). A small ViT (patch 4, 2 blocks, width
+64) trains with the official DINO loop scaled down (2 global 16-px crops + 4 local 8-px crops, AdamW with warm-up and
+cosine, weight decay 0.04 -> 0.4, teacher EMA cosine 0.99 -> 1, centring, last layer frozen for the first epoch),
+then the teacher backbone is evaluated with the official weighted k-NN (T = 0.07) against the same architecture at
+random initialisation. What it reaches is in README.md (measured with this command).
+
+What differs from the ImageNet recipe, and why. With the ImageNet settings scaled down (no BatchNorm in the head,
+the full colour/blur/solarise chain, teacher temperature warm-up) the run collapses on these images: the backbone
+features become independent of the input and the teacher output uniform (entropy = ln K). An independent PyTorch
+implementation of the official loop (tests/torch_ref) collapses the same way from the same weights and batches, so
+it is the recipe at this scale, not our step. Two changes keep it alive: BatchNorm in the head (`use_bn_in_head`,
+an official option, used by the ResNet-50 recipe) and the photometric chain switched off (a grey digit has no colour
+to jitter; blur and solarise destroy most of an 8x8 scan), with crops of half the digit or more.
 
 `--config=configs/quickstart.py:test` is a seconds-long variant for the test suite.
 """
@@ -16,35 +24,41 @@ from configs import common
 
 def get_config(arg=None):
   c = common.dino_defaults()
-  c.epochs = 30
+  c.epochs = 80
   c.batch_size = 64
   c.log_every_steps = 20
-  c.checkpoint_every_steps = 200
+  c.checkpoint_every_steps = 500
 
   c.model.arch = "vit_tiny"
   c.model.patch_size = 4
-  c.model.overrides = {"depth": 4, "embed_dim": 128, "num_heads": 4, "img_size": 16}
+  c.model.overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 16}
   c.model.drop_path_rate = 0.1
-  c.model.out_dim = 1024
-  c.model.head_hidden_dim = 512
-  c.model.head_bottleneck_dim = 128
+  c.model.out_dim = 256
+  c.model.head_hidden_dim = 256
+  c.model.head_bottleneck_dim = 64
+  c.model.use_bn_in_head = True      # without it the run collapses at this scale (see the docstring)
   c.model.dtype = "float32"          # CPU: bf16 matmuls are emulated and slower
-  c.teacher_momentum = 0.99          # small batch, short run (the official help suggests higher m for small batches
-  #                                    of long runs; here the run is only ~700 iterations)
+  c.teacher_momentum = 0.99          # small batch, short run (~1,800 iterations)
 
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_epochs = 3
   c.optim.freeze_last_layer = 1
   c.loss.warmup_teacher_temp = 0.04
-  c.loss.teacher_temp = 0.06
-  c.loss.warmup_teacher_temp_epochs = 5
+  c.loss.teacher_temp = 0.04
+  c.loss.warmup_teacher_temp_epochs = 0
 
   c.crops.global_size = 16
-  c.crops.global_scale = (0.4, 1.0)
+  c.crops.global_scale = (0.5, 1.0)
   c.crops.local_size = 8
   c.crops.local_number = 4
-  c.crops.local_scale = (0.1, 0.4)
+  c.crops.local_scale = (0.2, 0.5)
   c.crops.flip = False               # digits are not mirror-symmetric
+
+  c.aug.jitter_p = 0.0               # grey digits: no colour jitter, grayscale, blur or solarisation
+  c.aug.gray_p = 0.0
+  c.aug.blur_p_global = (0.0, 0.0)
+  c.aug.blur_p_local = 0.0
+  c.aug.solarize_p_global = (0.0, 0.0)
 
   c.data.source = "digits:train"
   c.data.num_workers = 0             # in-process: the 2 cores are busy with the model
@@ -65,6 +79,7 @@ def get_config(arg=None):
     c.model.out_dim = 64
     c.model.head_hidden_dim = 64
     c.model.head_bottleneck_dim = 32
+    c.model.use_bn_in_head = False
     c.crops.local_number = 2
     c.eval.knn_k = (5,)
   elif arg:

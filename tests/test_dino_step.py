@@ -64,6 +64,19 @@ def _models(norm_last_layer):
   return ours, student, teacher
 
 
+def _state_and_update(config, ours):
+  """(graphdef, params, initial TrainState, jitted dino_update) for our network `ours`."""
+  graphdef, params, stats = split_model(ours)
+  schedules = optim.make_schedules(config, NITER)
+  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, NITER))
+  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
+                     teacher_batch_stats=stats, center=jnp.zeros(HEAD["out_dim"]), queue=jnp.zeros(0),
+                     nonfinite_step=jnp.int32(-1))
+  update = jax.jit(functools.partial(steps.dino_update, graphdef=graphdef, tx=tx, schedules=schedules,
+                                     config=config, steps_per_epoch=NITER))
+  return graphdef, params, state, update
+
+
 def _crops(step):
   rng = np.random.default_rng(step)
   g = rng.normal(size=(2 * B, 16, 16, 3)).astype(np.float32)
@@ -98,14 +111,7 @@ def test_dino_step_matches_official_step(optimizer, norm_last_layer):
                          warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
                          weight_decay=0.04, weight_decay_end=0.4)
 
-  graphdef, params, stats = split_model(ours)
-  schedules = optim.make_schedules(config, NITER)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, NITER))
-  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
-                     teacher_batch_stats=stats, center=jnp.zeros(HEAD["out_dim"]), queue=jnp.zeros(0),
-                     nonfinite_step=jnp.int32(-1))
-  update = jax.jit(functools.partial(steps.dino_update, graphdef=graphdef, tx=tx, schedules=schedules,
-                                     config=config, steps_per_epoch=NITER))
+  graphdef, params, state, update = _state_and_update(config, ours)
   initial_last = np.asarray(params["head"]["last_layer"]["v"])
   for it in range(EPOCHS * NITER):
     g, l = _crops(it)
@@ -129,14 +135,7 @@ def test_dino_step_matches_official_step(optimizer, norm_last_layer):
 def test_collapse_guard_freezes_state_on_nonfinite_loss():
   config = _config("adamw", True)
   ours, _, _ = _models(True)
-  graphdef, params, stats = split_model(ours)
-  schedules = optim.make_schedules(config, NITER)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, NITER))
-  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
-                     teacher_batch_stats=stats, center=jnp.zeros(HEAD["out_dim"]), queue=jnp.zeros(0),
-                     nonfinite_step=jnp.int32(-1))
-  update = jax.jit(functools.partial(steps.dino_update, graphdef=graphdef, tx=tx, schedules=schedules,
-                                     config=config, steps_per_epoch=NITER))
+  _, _, state, update = _state_and_update(config, ours)
   g, l = _crops(0)
   state, _ = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(0))
   good = jax.device_get(state)
@@ -150,3 +149,19 @@ def test_collapse_guard_freezes_state_on_nonfinite_loss():
                   jax.tree.leaves((state.params, state.teacher, state.opt_state, state.center))):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert int(state.nonfinite_step) == 1
+
+
+def test_drop_path_on_the_student_only():
+  """With drop-path 0.5, two different step keys change the student's output (the loss) but not the teacher's: the
+  centre, an EMA of the teacher's raw logits, comes out bit-identical."""
+  config = _config("adamw", True)
+  rngs = nnx.Rngs(0)
+  backbone = models.vit_tiny(patch_size=4, rngs=rngs, drop_path_rate=0.5, **VIT)
+  head = models.DINOHead(VIT["embed_dim"], HEAD["out_dim"], hidden_dim=HEAD["hidden_dim"],
+                         bottleneck_dim=HEAD["bottleneck_dim"], rngs=rngs)
+  _, _, state, update = _state_and_update(config, models.MultiCropWrapper(backbone, head))
+  g, l = _crops(0)
+  one, m1 = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(1))
+  two, m2 = update(state, [jnp.asarray(g), jnp.asarray(l)], jax.random.key(2))
+  np.testing.assert_array_equal(np.asarray(one.center), np.asarray(two.center))
+  assert abs(float(m1["loss"]) - float(m2["loss"])) > 1e-4

@@ -1,0 +1,58 @@
+"""experiments/plot_run.py on a two-step run: curves and attention maps are written; the maps are attention
+(dino_jax.evaluate.attention) and equal the weights computed here from the queries and keys."""
+import importlib.util
+import os
+
+import numpy as np
+import torch
+from flax import nnx
+
+from dino_jax import train
+from dino_jax.evaluate.attention import cls_attention_maps
+from dino_jax.evaluate.run import load_run
+from dino_jax.interop import torch as interop
+from dino_jax.state import build_backbone
+from tests.torch_ref import vit as ref_vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plot_module():
+  spec = importlib.util.spec_from_file_location("plot_run", os.path.join(ROOT, "experiments", "plot_run.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_plot_run_writes_curves_and_attention_maps(tmp_path):
+  from configs import quickstart  # noqa: PLC0415
+  c = quickstart.get_config("test")
+  c.max_steps = 2
+  c.eval.test_source = None
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(c, run)
+  plot_run = _plot_module()
+  written = plot_run.main([f"--workdir={run}", f"--out={tmp_path}/fig", "--images=3"])
+  assert [os.path.basename(p) for p in written] == ["fig_curves.png", "fig_attention.png"]
+  for path in written:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+
+  config, state = load_run(run)
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  maps = cls_attention_maps(config, state.teacher["backbone"], {}, images)
+  assert maps.shape == (3, 2, 4, 4)                      # 2 heads, 16 px / patch 4
+  totals = maps.sum(axis=(2, 3))                        # the [CLS] row sums to 1 with its own (cls->cls) weight
+  assert np.all(maps >= 0) and np.all(totals > 0) and np.all(totals < 1)
+  assert not np.allclose(maps[0], maps[1])              # the maps depend on the image
+
+  # The same weights in the PyTorch reference of the official ViT: its last self-attention, [CLS] row, patches.
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  ours = nnx.merge(graphdef, state.teacher["backbone"], {})
+  ref = ref_vit.VisionTransformer(patch_size=4, embed_dim=32, depth=1, num_heads=2, img_size=16)
+  ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in interop.state_dict(ours).items()}, strict=True)
+  mean, std = np.array(config.aug.mean, np.float32), np.array(config.aug.std, np.float32)
+  x = torch.from_numpy(((images / np.float32(255.0) - mean) / std).astype(np.float32).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    expected = ref.get_last_selfattention(x).numpy()[:, :, 0, 1:].reshape(3, 2, 4, 4)
+  np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)
