@@ -138,3 +138,27 @@ def test_per_tensor_clipping_hand_values():
 def test_unknown_optimizer_is_named():
   with pytest.raises(ValueError, match="'adam'"):
     optim.momentum_optimizer("adam", _schedules(0.1, 0, 0, 0))
+
+
+def test_ema_and_recipe_schedules_hand_values():
+  """EMA t <- m t + (1 - m) s on every leaf; a recipe's teacher momentum runs 0.996 -> 1 and its weight decay
+  0.04 -> 0.4 on cosines over all iterations, and its lr warms up linearly from 0 to 5e-4 x batch / 256."""
+  from configs import common  # noqa: PLC0415
+  from dino_jax import steps  # noqa: PLC0415
+  out = steps.ema({"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(4.0)}},
+                  {"a": jnp.array([3.0, 6.0]), "b": {"c": jnp.array(0.0)}}, 0.75)
+  np.testing.assert_allclose(out["a"], [1.5, 3.0])
+  np.testing.assert_allclose(out["b"]["c"], 3.0)
+
+  c = common.dino_defaults()
+  c.epochs, c.batch_size, c.optim.warmup_epochs = 4, 1024, 1
+  niter = 10
+  s = optim.make_schedules(c, niter)
+  total = 4 * niter
+  for step in (0, 7, 20, total - 1):
+    cos = 0.5 * (1 + np.cos(np.pi * step / total))
+    assert float(s.momentum_teacher(step)) == pytest.approx(1.0 - 0.004 * cos, rel=1e-6)
+    assert float(s.weight_decay(step)) == pytest.approx(0.4 + (0.04 - 0.4) * cos, rel=1e-6)
+  peak = 5e-4 * 1024 / 256
+  assert [float(s.lr(k)) for k in (0, 9)] == [0.0, pytest.approx(peak, rel=1e-6)]   # warm-up over 10 iterations
+  assert float(s.lr(25)) == pytest.approx(1e-6 + (peak - 1e-6) * 0.5 * (1 + np.cos(np.pi * 15 / 30)), rel=1e-5)
