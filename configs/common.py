@@ -170,3 +170,33 @@ def imagenet_paths(c, arg):
     c.eval.train_source = f"imagefolder:{root}/train"
     c.eval.test_source = f"imagefolder:{root}/val"
   return c
+
+
+def digits_quickstart(c, *, photometry=False):
+  """The embedded digits dataset on a 2-core CPU: 16-px global and 8-px local crops of the 32-px digits, no flip
+  (digits are not mirror-symmetric), in-process data loading, float32 compute (bf16 matmuls are emulated on CPUs),
+  k-NN on the 360 test digits against random initialisation.
+
+  photometry=False switches the colour jitter, grayscale, blur and solarisation off: a grey 8x8 scan has no colour to
+  jitter, and blur or solarisation leave little of it.
+  """
+  c.model.dtype = "float32"
+  c.crops.global_size = 16
+  c.crops.local_size = 8
+  c.crops.flip = False
+  if not photometry:
+    c.aug.jitter_p = 0.0
+    c.aug.gray_p = 0.0
+    c.aug.blur_p_global = (0.0, 0.0) if c.method == "dino" else 0.0
+    c.aug.blur_p_local = 0.0
+    c.aug.solarize_p_global = (0.0, 0.0) if c.method == "dino" else 0.0
+  c.data.source = "digits:train"
+  c.data.num_workers = 0             # in-process: the 2 cores are busy with the model
+  c.eval.train_source = "digits:train"
+  c.eval.test_source = "digits:test"
+  c.eval.image_size = 16
+  c.eval.resize_size = 16
+  c.eval.batch_size = 256
+  c.eval.knn_k = (10, 20)
+  c.eval.compare_random_init = True
+  return c

@@ -23,7 +23,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  c = common.dino_defaults()
+  c = common.digits_quickstart(common.dino_defaults(), photometry=False)
   c.epochs = 80
   c.batch_size = 64
   c.log_every_steps = 20
@@ -37,7 +37,6 @@ def get_config(arg=None):
   c.model.head_hidden_dim = 256
   c.model.head_bottleneck_dim = 64
   c.model.use_bn_in_head = True      # without it the run collapses at this scale (see the docstring)
-  c.model.dtype = "float32"          # CPU: bf16 matmuls are emulated and slower
   c.teacher_momentum = 0.99          # small batch, short run (~1,800 iterations)
 
   c.optim.lr = 2e-3
@@ -47,28 +46,9 @@ def get_config(arg=None):
   c.loss.teacher_temp = 0.04
   c.loss.warmup_teacher_temp_epochs = 0
 
-  c.crops.global_size = 16
   c.crops.global_scale = (0.5, 1.0)
-  c.crops.local_size = 8
   c.crops.local_number = 4
   c.crops.local_scale = (0.2, 0.5)
-  c.crops.flip = False               # digits are not mirror-symmetric
-
-  c.aug.jitter_p = 0.0               # grey digits: no colour jitter, grayscale, blur or solarisation
-  c.aug.gray_p = 0.0
-  c.aug.blur_p_global = (0.0, 0.0)
-  c.aug.blur_p_local = 0.0
-  c.aug.solarize_p_global = (0.0, 0.0)
-
-  c.data.source = "digits:train"
-  c.data.num_workers = 0             # in-process: the 2 cores are busy with the model
-  c.eval.train_source = "digits:train"
-  c.eval.test_source = "digits:test"
-  c.eval.image_size = 16
-  c.eval.resize_size = 16
-  c.eval.batch_size = 256
-  c.eval.knn_k = (10, 20)
-  c.eval.compare_random_init = True
 
   if arg == "test":  # a few seconds: the test suite's end-to-end runs
     c.epochs = 2

@@ -1,5 +1,5 @@
 """experiments/plot_run.py on a two-step run: curves and attention maps are written; the maps are attention
-(dino_jax.evaluate.attention) and equal the weights computed here from the queries and keys."""
+(dino_jax.evaluate.attention) and equal the PyTorch reference ViT's last self-attention on the same weights."""
 import importlib.util
 import os
 
@@ -12,9 +12,8 @@ from dino_jax.evaluate.attention import cls_attention_maps
 from dino_jax.evaluate.run import load_run
 from dino_jax.interop import torch as interop
 from dino_jax.state import build_backbone
+from tests.helpers import ROOT, recipe
 from tests.torch_ref import vit as ref_vit
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plot_module():
@@ -25,10 +24,7 @@ def _plot_module():
 
 
 def test_plot_run_writes_curves_and_attention_maps(tmp_path):
-  from configs import quickstart  # noqa: PLC0415
-  c = quickstart.get_config("test")
-  c.max_steps = 2
-  c.eval.test_source = None
+  c = recipe("quickstart", max_steps=2, **{"eval.test_source": None})
   run = str(tmp_path / "run")
   train.train_and_evaluate(c, run)
   plot_run = _plot_module()

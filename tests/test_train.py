@@ -11,32 +11,18 @@ from absl import flags
 from ml_collections import config_flags
 
 from dino_jax import train
+from tests.helpers import ROOT, recipe, run_metrics, run_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
 
 def _config(**overrides):
-  from configs import quickstart  # noqa: PLC0415
-  c = quickstart.get_config("test")
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
-def _params(workdir):
-  from dino_jax.evaluate.run import load_run  # noqa: PLC0415
-  _, state = load_run(workdir)
-  return jax.device_get(state)
+  return recipe("quickstart", **overrides)
 
 
 def test_two_step_run_writes_metrics_checkpoint_and_evaluates(tmp_path):
   out = train.train_and_evaluate(_config(max_steps=2), str(tmp_path))
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  lines = run_metrics(tmp_path)
   assert [l["step"] for l in lines] == [1, 2]
   for key in ("loss", "lr", "wd", "teacher_momentum", "teacher_temp", "teacher_entropy", "kl_teacher_student",
               "center_norm", "img_per_sec"):
@@ -54,13 +40,13 @@ def test_resume_mid_epoch_gives_the_same_run(tmp_path):
   train.train_and_evaluate(_config(max_steps=3, **{"eval.test_source": None}), str(straight))
   train.train_and_evaluate(_config(max_steps=1, **{"eval.test_source": None}), str(resumed))
   train.train_and_evaluate(_config(max_steps=3, **{"eval.test_source": None}), str(resumed))
-  a, b = _params(straight), _params(resumed)
+  a, b = run_state(straight), run_state(resumed)
   assert int(a.step) == int(b.step) == 3
   for x, y in zip(jax.tree.leaves((a.params, a.teacher, a.opt_state, a.center)),
                   jax.tree.leaves((b.params, b.teacher, b.opt_state, b.center))):
     np.testing.assert_array_equal(x, y)
-  losses_a = [json.loads(l)["loss"] for l in open(straight / "metrics.jsonl")]
-  losses_b = [json.loads(l)["loss"] for l in open(resumed / "metrics.jsonl")]
+  losses_a = [m["loss"] for m in run_metrics(straight)]
+  losses_b = [m["loss"] for m in run_metrics(resumed)]
   assert losses_a == losses_b
 
 
