@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 CURVES = (("loss", "loss"), ("lr", "learning rate"), ("teacher_entropy", "teacher entropy (nats)"),
           ("kl_teacher_student", "KL(teacher || student)"), ("center_norm", "centre norm"),
-          ("cluster_entropy", "cluster entropy (nats)"))
+          ("assign_entropy", "code entropy per image (nats)"), ("cluster_entropy", "cluster entropy (nats)"))
 
 
 def read_metrics(workdir):
@@ -29,7 +29,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(workdir, path, num_classes_out=None):
+def plot_curves(workdir, path, num_classes_out=None, title=None):
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -46,7 +46,7 @@ def plot_curves(workdir, path, num_classes_out=None):
     ax.set_title(label, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
-  title = os.path.basename(os.path.normpath(workdir))
+  title = title or os.path.basename(os.path.normpath(workdir))
   eval_path = os.path.join(workdir, "eval.json")
   if os.path.exists(eval_path):
     with open(eval_path) as f:
@@ -101,6 +101,7 @@ def main(argv=None):
   ap.add_argument("--out", default=None, help="path prefix of the PNGs (default: <workdir>/plot)")
   ap.add_argument("--images", type=int, default=6)
   ap.add_argument("--step", type=int, default=None)
+  ap.add_argument("--title", default=None, help="figure title (default: the workdir's name)")
   args = ap.parse_args(argv)
   from dino_jax.evaluate.run import load_run  # noqa: PLC0415
 
@@ -108,7 +109,7 @@ def main(argv=None):
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   config, state = load_run(args.workdir, args.step)
   k = config.model.get("out_dim") if config.method == "dino" else config.model.get("nmb_prototypes")
-  written = [plot_curves(args.workdir, out + "_curves.png", k)]
+  written = [plot_curves(args.workdir, out + "_curves.png", k, args.title)]
   if config.model.arch.startswith("vit"):
     written.append(plot_attention(config, state, out + "_attention.png", args.images))
   for p in written:

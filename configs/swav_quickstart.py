@@ -1,0 +1,77 @@
+r"""SwAV on the embedded digits dataset, sized for a 2-core CPU.
+
+  python -m dino_jax.train --config=configs/swav_quickstart.py --workdir=runs/swav_quickstart
+
+Data: scikit-learn's handwritten digits shipped in the package (1,437 train / 360 test; see configs/quickstart.py),
+2 global 16-px crops + 4 local 8-px crops. The official SwAV loop scaled down: Sinkhorn-Knopp codes (epsilon 0.03, 3
+iterations) of the two global crops, each predicted from every other crop (temperature 0.1), 30 prototypes, a queue
+of 4 batches from epoch 3, prototypes frozen for the first epoch. Then the weighted k-NN (T = 0.07) of the trained
+network's features against the same architecture at random initialisation. What it reaches is in README.md.
+
+What differs from the ImageNet recipe, and why (each tried here, on this data):
+- Backbone: the quickstart's small ViT (patch 4, 2 blocks, width 64), not a ResNet-50. A quarter-width ResNet-50 on
+  16-px digits has a flattering random-init k-NN (84%: its BatchNorms start as the identity in eval mode; 18% with
+  batch statistics) and its SwAV runs collapsed.
+- AdamW (lr 5e-4 at this batch, cosine weight decay 0.04 -> 0.4, per-tensor clipping 3) instead of LARC + SGD: with
+  LARC the same network reached 38-41% (random init: 36-37%), with AdamW 58% in 30 epochs and 72-75% in 60.
+- The projection keeps its BatchNorm (hidden 256): without it the codes went uniform (loss = ln K) within a few
+  hundred steps and the k-NN stayed under 50%.
+- Epsilon 0.03 rather than 0.05: 83% / 79% (k = 10 / 20) against 75% / 72% after 60 epochs.
+- No photometric augmentation (as configs/quickstart.py: nothing to colour-jitter on a grey digit) and crops of at
+  least a fifth of the digit: SwAV's 0.14 / 0.05 scales leave little of an 8x8 scan.
+
+`--config=configs/swav_quickstart.py:test` is a seconds-long variant for the test suite.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.digits_quickstart(common.swav_defaults(), photometry=False)
+  c.epochs = 60
+  c.batch_size = 64
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 500
+
+  c.model.arch = "vit_tiny"
+  c.model.patch_size = 4
+  c.model.overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 16}
+  c.model.hidden_mlp = 256           # projection 64 -> 256 (BatchNorm, ReLU) -> feat_dim
+  c.model.feat_dim = 64
+  c.model.nmb_prototypes = 30
+
+  c.loss.epsilon = 0.03              # sharper codes than 0.05 (the SwAV README's advice against collapse)
+  c.loss.queue_length = 256          # 4 batches, from epoch 3
+  c.loss.epoch_queue_starts = 3
+
+  c.optim.name = "adamw"
+  c.optim.lr = 2e-3                  # scaled by 64 / 256: 5e-4
+  c.optim.lr_scaling = True
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 3
+  c.optim.start_warmup = 0.0
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.4
+  c.optim.decay_all = False          # AdamW's groups: no decay on biases and norms
+  c.optim.clip_grad = 3.0
+  c.optim.freeze_prototypes_niters = 22   # one epoch (1,437 // 64)
+
+  c.crops.global_scale = (0.5, 1.0)
+  c.crops.local_number = 4
+  c.crops.local_scale = (0.2, 0.5)
+
+  if arg == "test":  # a few seconds: the test suite's end-to-end runs
+    c.epochs = 2
+    c.batch_size = 16
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 2
+    c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
+    c.model.hidden_mlp = 32         # with the projection's BatchNorm: its statistics are checkpointed and synced
+    c.model.feat_dim, c.model.nmb_prototypes = 16, 20
+    c.crops.local_number = 2
+    c.loss.queue_length = 32        # 2 batches, filled from the first step
+    c.loss.epoch_queue_starts = 0
+    c.optim.freeze_prototypes_niters = 2
+    c.eval.knn_k = (5,)
+  elif arg:
+    raise ValueError(f"configs/swav_quickstart.py: unknown variant {arg!r} (valid: 'test')")
+  return c
