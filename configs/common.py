@@ -173,16 +173,25 @@ def imagenet_paths(c, arg):
 
 
 def digits_quickstart(c, *, photometry=False):
-  """The embedded digits dataset on a 2-core CPU: 16-px global and 8-px local crops of the 32-px digits, no flip
-  (digits are not mirror-symmetric), in-process data loading, float32 compute (bf16 matmuls are emulated on CPUs),
-  k-NN on the 360 test digits against random initialisation.
+  """The embedded digits dataset on a 2-core CPU: a small ViT (patch 4, 2 blocks, width 64) at batch 64, 2 global
+  16-px crops (scale 0.5-1) and 4 local 8-px crops (scale 0.2-0.5) of the 32-px digits, no flip (digits are not mirror-symmetric), in-process data loading,
+  float32 compute (bf16 matmuls are emulated on CPUs), k-NN on the 360 test digits against random initialisation.
 
   photometry=False switches the colour jitter, grayscale, blur and solarisation off: a grey 8x8 scan has no colour to
   jitter, and blur or solarisation leave little of it.
   """
+  c.batch_size = 64
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 500
+  c.model.arch = "vit_tiny"
+  c.model.patch_size = 4
+  c.model.overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 16}
   c.model.dtype = "float32"
   c.crops.global_size = 16
   c.crops.local_size = 8
+  c.crops.global_scale = (0.5, 1.0)  # at least half the digit; the ImageNet scales leave little of an 8x8 scan
+  c.crops.local_number = 4
+  c.crops.local_scale = (0.2, 0.5)
   c.crops.flip = False
   if not photometry:
     c.aug.jitter_p = 0.0
@@ -199,4 +208,17 @@ def digits_quickstart(c, *, photometry=False):
   c.eval.batch_size = 256
   c.eval.knn_k = (10, 20)
   c.eval.compare_random_init = True
+  return c
+
+
+def digits_test_variant(c):
+  """The seconds-long variant of a digits quickstart that the test suite runs end to end: 2 epochs at batch 16, a
+  one-block ViT of width 32, 2 local crops, a log line and a checkpoint every step or two."""
+  c.epochs = 2
+  c.batch_size = 16
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
+  c.crops.local_number = 2
+  c.eval.knn_k = (5,)
   return c

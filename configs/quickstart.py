@@ -25,13 +25,6 @@ from configs import common
 def get_config(arg=None):
   c = common.digits_quickstart(common.dino_defaults(), photometry=False)
   c.epochs = 80
-  c.batch_size = 64
-  c.log_every_steps = 20
-  c.checkpoint_every_steps = 500
-
-  c.model.arch = "vit_tiny"
-  c.model.patch_size = 4
-  c.model.overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 16}
   c.model.drop_path_rate = 0.1
   c.model.out_dim = 256
   c.model.head_hidden_dim = 256
@@ -46,22 +39,12 @@ def get_config(arg=None):
   c.loss.teacher_temp = 0.04
   c.loss.warmup_teacher_temp_epochs = 0
 
-  c.crops.global_scale = (0.5, 1.0)
-  c.crops.local_number = 4
-  c.crops.local_scale = (0.2, 0.5)
-
   if arg == "test":  # a few seconds: the test suite's end-to-end runs
-    c.epochs = 2
-    c.batch_size = 16
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
-    c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
+    common.digits_test_variant(c)
     c.model.out_dim = 64
     c.model.head_hidden_dim = 64
     c.model.head_bottleneck_dim = 32
     c.model.use_bn_in_head = False
-    c.crops.local_number = 2
-    c.eval.knn_k = (5,)
   elif arg:
     raise ValueError(f"configs/quickstart.py: unknown variant {arg!r} (valid: 'test')")
   return c

@@ -28,13 +28,6 @@ from configs import common
 def get_config(arg=None):
   c = common.digits_quickstart(common.swav_defaults(), photometry=False)
   c.epochs = 60
-  c.batch_size = 64
-  c.log_every_steps = 20
-  c.checkpoint_every_steps = 500
-
-  c.model.arch = "vit_tiny"
-  c.model.patch_size = 4
-  c.model.overrides = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 16}
   c.model.hidden_mlp = 256           # projection 64 -> 256 (BatchNorm, ReLU) -> feat_dim
   c.model.feat_dim = 64
   c.model.nmb_prototypes = 30
@@ -55,23 +48,13 @@ def get_config(arg=None):
   c.optim.clip_grad = 3.0
   c.optim.freeze_prototypes_niters = 22   # one epoch (1,437 // 64)
 
-  c.crops.global_scale = (0.5, 1.0)
-  c.crops.local_number = 4
-  c.crops.local_scale = (0.2, 0.5)
-
   if arg == "test":  # a few seconds: the test suite's end-to-end runs
-    c.epochs = 2
-    c.batch_size = 16
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
-    c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
+    common.digits_test_variant(c)
     c.model.hidden_mlp = 32         # with the projection's BatchNorm: its statistics are checkpointed and synced
     c.model.feat_dim, c.model.nmb_prototypes = 16, 20
-    c.crops.local_number = 2
     c.loss.queue_length = 32        # 2 batches, filled from the first step
     c.loss.epoch_queue_starts = 0
     c.optim.freeze_prototypes_niters = 2
-    c.eval.knn_k = (5,)
   elif arg:
     raise ValueError(f"configs/swav_quickstart.py: unknown variant {arg!r} (valid: 'test')")
   return c
