@@ -14,4 +14,6 @@ def get_config(arg=None):
   c = common.dino_defaults()
   c.model.arch = "vit_base"
   c.batch_size = 1024
+  c.eval.linear.n_last_blocks = 1    # the official ViT-B probe: last block's [CLS] + pooled patch tokens
+  c.eval.linear.avgpool = True
   return common.imagenet_paths(c, arg)

@@ -15,4 +15,6 @@ def get_config(arg=None):
   c.model.patch_size = 8
   c.model.dtype = "float32"
   c.batch_size = 1024
+  c.eval.linear.n_last_blocks = 1    # the official ViT-B probe: last block's [CLS] + pooled patch tokens
+  c.eval.linear.avgpool = True
   return common.imagenet_paths(c, arg)

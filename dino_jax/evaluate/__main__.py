@@ -1,9 +1,12 @@
-r"""Evaluate the latest checkpoint of a run: k-NN top-1/top-5 of the teacher and its output entropy.
+r"""Evaluate the latest checkpoint of a run: k-NN top-1/top-5 of the teacher and its output entropy; with --linear,
+also the official linear probe (dino_jax.evaluate.linear).
 
-  python -m dino_jax.evaluate --workdir=runs/quickstart [--compare_random_init] [--eval.knn_k=10,20]
+  python -m dino_jax.evaluate --workdir=runs/quickstart [--compare_random_init] [--step=N]
+  python -m dino_jax.evaluate --workdir=runs/quickstart --linear [--linear_lr=0.3 --linear_epochs=100 ...]
 
-The config is read from the checkpoint; --config.* style overrides are not needed for evaluation, but the sources
-can be changed with --train_source / --test_source (e.g. to evaluate on another labelled dataset).
+The config is read from the checkpoint (k, T, image sizes, config.eval.linear); the sources can be changed with
+--train_source / --test_source (e.g. to evaluate on another labelled dataset). Results go to <workdir>/eval.json and,
+with --linear, <workdir>/eval_linear.json.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import jax
 from absl import app, flags
 
+from dino_jax.evaluate import linear
 from dino_jax.evaluate import run as eval_run
 from dino_jax.evaluate.run import load_run
 
@@ -21,6 +25,10 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _RANDOM = flags.DEFINE_bool("compare_random_init", False, "Also evaluate the architecture at random init.")
 _TRAIN_SOURCE = flags.DEFINE_string("train_source", None, "Override config.eval.train_source.")
 _TEST_SOURCE = flags.DEFINE_string("test_source", None, "Override config.eval.test_source.")
+_LINEAR = flags.DEFINE_bool("linear", False, "Also train and validate the official linear probe.")
+_LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", None, "Override config.eval.linear.epochs.")
+_LINEAR_LR = flags.DEFINE_float("linear_lr", None, "Override config.eval.linear.lr (at batch 256).")
+_LINEAR_BATCH = flags.DEFINE_integer("linear_batch_size", None, "Override config.eval.linear.batch_size.")
 
 
 def main(argv):
@@ -36,6 +44,19 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
       json.dump(results, f, indent=2)
     print(eval_run.format_results(results))
+  if _LINEAR.value:
+    with config.unlocked():
+      lin = linear.linear_config(config)
+      for key, flag in (("epochs", _LINEAR_EPOCHS), ("lr", _LINEAR_LR), ("batch_size", _LINEAR_BATCH)):
+        if flag.value is not None:
+          lin[key] = flag.value
+      config.eval.linear = lin
+    probe = eval_run.linear_probe_state(config, state, compare_random_init=_RANDOM.value)
+    probe["step"] = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+      with open(os.path.join(_WORKDIR.value, "eval_linear.json"), "w") as f:
+        json.dump(probe, f, indent=2)
+      print(eval_run.format_linear(probe))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dino_jax import losses, optim, sharding
 from dino_jax.data import sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate import knn as knn_lib
+from dino_jax.evaluate import linear
 from dino_jax.state import build_backbone, build_model, compute_dtype, make_init_fn, split_model
 
 
@@ -111,6 +112,34 @@ def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> di
     results["teacher_entropy"] = output_entropy(config, teacher, teacher_stats, jax.device_get(state.center),
                                                 mesh=mesh)
   return results
+
+
+def linear_probe_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
+  """The official linear probe on the teacher's backbone (and optionally on the architecture at random init)."""
+  teacher = jax.device_get(state.teacher)
+  stats = jax.device_get(state.teacher_batch_stats)
+  results = {"teacher": linear.linear_probe(config, teacher["backbone"], stats.get("backbone", {}), mesh=mesh,
+                                            progress=_progress("linear probe, teacher"))}
+  if compare_random_init:
+    _, params0, stats0 = split_model(build_model(config, nnx.Rngs(config.seed)))
+    results["random_init"] = linear.linear_probe(config, params0["backbone"], stats0.get("backbone", {}), mesh=mesh,
+                                                 progress=_progress("linear probe, random init"))
+  return results
+
+
+def format_linear(results: dict) -> str:
+  """One row per model: top-1 after the last epoch, the best over the validations (the official report), top-5."""
+  head = f"{'linear probe (%)':<16}{'top-1':>10}{'best top-1':>12}{'top-5':>10}"
+  lines = [head, "-" * len(head)]
+  for m in ("teacher", "random_init"):
+    if m in results:
+      r = results[m]
+      lines.append(f"{m:<16}{r['top1']:>10.2f}{r['top1_best']:>12.2f}{r['top5']:>10.2f}")
+  first = results["teacher"]
+  lines.append(f"({first['epochs']} epochs, lr {first['lr']} x {first['batch_size']} / 256, "
+               f"{first['n_last_blocks']} last blocks{' + pooled patches' if first['avgpool'] else ''}, "
+               f"{first['feature_dim']}-d features)")
+  return "\n".join(lines)
 
 
 def format_results(results: dict) -> str:
