@@ -31,6 +31,15 @@ _LINEAR_LR = flags.DEFINE_float("linear_lr", None, "Override config.eval.linear.
 _LINEAR_BATCH = flags.DEFINE_integer("linear_batch_size", None, "Override config.eval.linear.batch_size.")
 
 
+def _report(results, state, filename, table):
+  """Adds the checkpoint's step, writes <workdir>/<filename> and prints the table (process 0 only)."""
+  results["step"] = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    with open(os.path.join(_WORKDIR.value, filename), "w") as f:
+      json.dump(results, f, indent=2)
+    print(table(results))
+
+
 def main(argv):
   del argv
   config, state = load_run(_WORKDIR.value, _STEP.value)
@@ -38,12 +47,8 @@ def main(argv):
     config.eval.train_source = _TRAIN_SOURCE.value
   if _TEST_SOURCE.value:
     config.eval.test_source = _TEST_SOURCE.value
-  results = eval_run.evaluate_state(config, state, compare_random_init=_RANDOM.value)
-  results["step"] = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
-    with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    print(eval_run.format_results(results))
+  _report(eval_run.evaluate_state(config, state, compare_random_init=_RANDOM.value), state, "eval.json",
+          eval_run.format_results)
   if _LINEAR.value:
     with config.unlocked():
       lin = linear.linear_config(config)
@@ -51,12 +56,8 @@ def main(argv):
         if flag.value is not None:
           lin[key] = flag.value
       config.eval.linear = lin
-    probe = eval_run.linear_probe_state(config, state, compare_random_init=_RANDOM.value)
-    probe["step"] = int(jax.device_get(state.step))
-    if jax.process_index() == 0:
-      with open(os.path.join(_WORKDIR.value, "eval_linear.json"), "w") as f:
-        json.dump(probe, f, indent=2)
-      print(eval_run.format_linear(probe))
+    _report(eval_run.linear_probe_state(config, state, compare_random_init=_RANDOM.value), state, "eval_linear.json",
+            eval_run.format_linear)
 
 
 if __name__ == "__main__":
