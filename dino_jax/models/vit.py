@@ -39,6 +39,13 @@ def _linear(in_features, out_features, dtype, rngs):
                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
+def _rows(layer, x):
+  """`layer` applied to [..., D] as one 2-D [rows, D] matmul, then reshaped back. The same numbers; XLA's CPU backend
+  computes the weight gradient of a 2-D matmul about twice as fast as that of a 3-D dot (measured on ViT-S/16's MLP:
+  0.11 s against 0.23 s for 16 images), and the reshapes are free."""
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def drop_path(x, rate, key):
   """Stochastic depth per sample, as the official `drop_path`: keep-prob division, mask floor(keep + U)."""
   if key is None or rate == 0.0:
@@ -147,7 +154,7 @@ class Attention(nnx.Module):
 
   def _qkv(self, x):
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    qkv = _rows(self.qkv, x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, N, heads, head_dim]
 
   def weights(self, x):
@@ -170,7 +177,7 @@ class Attention(nnx.Module):
         _warn_cudnn_fallback(e)
     if y is None:
       y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation="xla")
-    return self.proj(y.reshape(x.shape))
+    return _rows(self.proj, y.reshape(x.shape))
 
 
 class Mlp(nnx.Module):
@@ -179,7 +186,7 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, dim, dtype, rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return _rows(self.fc2, jax.nn.gelu(_rows(self.fc1, x), approximate=False))
 
 
 class Block(nnx.Module):
