@@ -86,6 +86,12 @@ def graphdef_of(config):
   return nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.seed))))[0]
 
 
+def backbone_graphdef_of(config):
+  """The static graph of the teacher's backbone (no drop-path), without allocating parameters: what the evaluations
+  (k-NN, linear probe, attention maps) merge a backbone's parameters into."""
+  return nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+
+
 def make_init_fn(config, tx, *, n_shards=None):
   """() -> TrainState. Student and teacher start from the same weights (the official teacher loads the student's).
 

@@ -23,7 +23,7 @@ from dino_jax.data import pipeline, sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate.run import load_run
 from dino_jax.interop import torch as interop
-from dino_jax.state import build_backbone, make_init_fn
+from dino_jax.state import backbone_graphdef_of, make_init_fn
 from tests.torch_ref import heads as ref_heads
 from tests.torch_ref.resnet import SwAVResNet50
 from tests.torch_ref.vit import VisionTransformer
@@ -166,7 +166,7 @@ def test_imported_official_checkpoint_evaluates_like_torch(tmp_path):
   config, state = load_run(str(tmp_path / "run"))
 
   e = config.eval
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  graphdef = backbone_graphdef_of(config)
   feature_fn = feats_lib.make_feature_fn(graphdef, config.aug.mean, config.aug.std)
   source = sources.get_source(e.test_source)
   feats, _ = feats_lib.extract_features(feature_fn, state.teacher["backbone"], {}, source,

@@ -11,7 +11,7 @@ from dino_jax import train
 from dino_jax.evaluate.attention import cls_attention_maps
 from dino_jax.evaluate.run import load_run
 from dino_jax.interop import torch as interop
-from dino_jax.state import build_backbone
+from dino_jax.state import backbone_graphdef_of
 from tests.helpers import ROOT, recipe
 from tests.torch_ref import vit as ref_vit
 
@@ -43,7 +43,7 @@ def test_plot_run_writes_curves_and_attention_maps(tmp_path):
   assert not np.allclose(maps[0], maps[1])              # the maps depend on the image
 
   # The same weights in the PyTorch reference of the official ViT: its last self-attention, [CLS] row, patches.
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  graphdef = backbone_graphdef_of(config)
   ours = nnx.merge(graphdef, state.teacher["backbone"], {})
   ref = ref_vit.VisionTransformer(patch_size=4, embed_dim=32, depth=1, num_heads=2, img_size=16)
   ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in interop.state_dict(ours).items()}, strict=True)

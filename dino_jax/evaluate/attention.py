@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from dino_jax.evaluate.features import normalize_images
-from dino_jax.state import build_backbone, compute_dtype
+from dino_jax.state import backbone_graphdef_of, compute_dtype
 
 
 def cls_attention_maps(config, backbone_params, backbone_stats, images) -> np.ndarray:
@@ -17,7 +17,7 @@ def cls_attention_maps(config, backbone_params, backbone_stats, images) -> np.nd
 
   Each map sums to 1 minus the [CLS] token's attention to itself.
   """
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  graphdef = backbone_graphdef_of(config)
   model = nnx.merge(graphdef, backbone_params, backbone_stats)
   if not hasattr(model, "get_last_selfattention"):
     raise ValueError(f"config.model.arch={config.model.arch!r}: attention maps need a ViT backbone")

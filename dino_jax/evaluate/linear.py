@@ -8,9 +8,9 @@
 - Classifier: one Linear layer, weight ~ N(0, 0.01), bias 0 (the official LinearClassifier).
 - Training: cross-entropy, SGD momentum 0.9 without weight decay, lr = `lr` x batch / 256, cosine annealing to 0
   stepped once per epoch (torch CosineAnnealingLR), `epochs` epochs of RandomResizedCrop(image_size) (scale
-  `crop_scale`, 0.08-1 by default, bilinear, as torchvision's defaults) + horizontal flip (`flip`); validation on the centre crop (resize `resize_size`,
-  bicubic) every `val_freq` epochs and after the last; the official script reports the best top-1 over those
-  validations ('top1_best' here), the last one is 'top1'.
+  `crop_scale`, 0.08-1 by default, bilinear, as torchvision's defaults) + horizontal flip (`flip`); validation on the
+  centre crop (resize `resize_size`, bicubic) every `val_freq` epochs and after the last; the official script
+  reports the best top-1 over those validations ('top1_best' here), the last one is 'top1'.
 
 Differences kept on purpose: each epoch drops the last incomplete batch (the official DistributedSampler pads it);
 the validation features are computed once, since the backbone is frozen and the centre crop deterministic (same
@@ -32,7 +32,7 @@ from flax import nnx
 from dino_jax import sharding
 from dino_jax.data import pipeline, sources
 from dino_jax.evaluate import features as feats_lib
-from dino_jax.state import build_backbone, compute_dtype
+from dino_jax.state import backbone_graphdef_of, compute_dtype
 
 DEFAULTS = dict(epochs=100, lr=0.001, batch_size=1024, n_last_blocks=4, avgpool=False, val_freq=1, seed=0,
                 crop_scale=(0.08, 1.0), flip=True)
@@ -126,7 +126,7 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
     raise ValueError(f"linear probe: {e.train_source!r} has no class labels (config.eval.train_source must be "
                      "labelled, e.g. an imagefolder with class sub-folders)")
 
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  graphdef = backbone_graphdef_of(config)
   mean, std, dtype = config.aug.mean, config.aug.std, compute_dtype(config)
   kw = dict(n_last_blocks=int(lin.n_last_blocks), avgpool=bool(lin.avgpool))
 

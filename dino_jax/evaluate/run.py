@@ -19,7 +19,7 @@ from dino_jax.data import sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate import knn as knn_lib
 from dino_jax.evaluate import linear
-from dino_jax.state import build_backbone, build_model, compute_dtype, make_init_fn, split_model
+from dino_jax.state import backbone_graphdef_of, build_model, compute_dtype, graphdef_of, make_init_fn, split_model
 
 
 def _progress(desc):
@@ -53,7 +53,7 @@ def load_run(workdir, step=None):
 def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="") -> dict:
   """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source."""
   e = config.eval
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_backbone(config, nnx.Rngs(0), student=False)))[0]
+  graphdef = backbone_graphdef_of(config)
   feature_fn = feats_lib.make_feature_fn(graphdef, config.aug.mean, config.aug.std, compute_dtype(config))
   kw = dict(image_size=e.image_size, resize_size=e.resize_size, batch_size=e.batch_size, mesh=mesh)
   train_src = sources.get_source(e.train_source, data_dir=config.data.get("data_dir"))
@@ -78,7 +78,7 @@ def output_entropy(config, params, batch_stats, center, *, mesh=None) -> dict:
   A collapsed model has per_image near 0 and of_mean near 0 (one dimension dominates), or both near ln K (uniform).
   """
   e = config.eval
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))[0]
+  graphdef = graphdef_of(config)
   dtype = compute_dtype(config)
 
   @jax.jit
@@ -98,33 +98,33 @@ def output_entropy(config, params, batch_stats, center, *, mesh=None) -> dict:
           "ln_K": math.log(probs.shape[-1])}
 
 
-def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
-  """k-NN of the teacher (and optionally of the same architecture at random initialisation) + output entropy."""
+def _backbones(config, state, compare_random_init):
+  """{'teacher': (params, batch_stats)[, 'random_init': (...)]}: the backbones an evaluation compares, on the host."""
   teacher = jax.device_get(state.teacher)
-  teacher_stats = jax.device_get(state.teacher_batch_stats)
-  results = {"teacher": knn_eval(config, teacher["backbone"], teacher_stats.get("backbone", {}), mesh=mesh,
-                                 desc="teacher")}
+  stats = jax.device_get(state.teacher_batch_stats)
+  out = {"teacher": (teacher["backbone"], stats.get("backbone", {}))}
   if compare_random_init:
     _, params0, stats0 = split_model(build_model(config, nnx.Rngs(config.seed)))
-    results["random_init"] = knn_eval(config, params0["backbone"], stats0.get("backbone", {}), mesh=mesh,
-                                      desc="random init")
+    out["random_init"] = (params0["backbone"], stats0.get("backbone", {}))
+  return out
+
+
+def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
+  """k-NN of the teacher (and optionally of the same architecture at random initialisation) + output entropy."""
+  results = {name: knn_eval(config, params, stats, mesh=mesh, desc=name.replace("_", " "))
+             for name, (params, stats) in _backbones(config, state, compare_random_init).items()}
   if config.method == "dino":
-    results["teacher_entropy"] = output_entropy(config, teacher, teacher_stats, jax.device_get(state.center),
-                                                mesh=mesh)
+    results["teacher_entropy"] = output_entropy(config, jax.device_get(state.teacher),
+                                                jax.device_get(state.teacher_batch_stats),
+                                                jax.device_get(state.center), mesh=mesh)
   return results
 
 
 def linear_probe_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
   """The official linear probe on the teacher's backbone (and optionally on the architecture at random init)."""
-  teacher = jax.device_get(state.teacher)
-  stats = jax.device_get(state.teacher_batch_stats)
-  results = {"teacher": linear.linear_probe(config, teacher["backbone"], stats.get("backbone", {}), mesh=mesh,
-                                            progress=_progress("linear probe, teacher"))}
-  if compare_random_init:
-    _, params0, stats0 = split_model(build_model(config, nnx.Rngs(config.seed)))
-    results["random_init"] = linear.linear_probe(config, params0["backbone"], stats0.get("backbone", {}), mesh=mesh,
-                                                 progress=_progress("linear probe, random init"))
-  return results
+  return {name: linear.linear_probe(config, params, stats, mesh=mesh,
+                                    progress=_progress(f"linear probe, {name.replace('_', ' ')}"))
+          for name, (params, stats) in _backbones(config, state, compare_random_init).items()}
 
 
 def format_linear(results: dict) -> str:
