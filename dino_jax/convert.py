@@ -97,7 +97,7 @@ def export_object(config, state, kind, *, epoch=None):
   out = interop.export_checkpoint(student, "dino", teacher=teacher)
   out["epoch"] = int(epoch)
   # DINOLoss keeps its centre as a [1, out_dim] buffer.
-  out["dino_loss"] = {"center": np.asarray(jax.device_get(state.center), np.float32)[None]}
+  out["dino_loss"] = {"center": np.asarray(jax.device_get(state.method_state["center"]), np.float32)[None]}
   return out
 
 
@@ -209,7 +209,7 @@ def assemble_state(init, tx, networks_, center, *, out_shardings=None):
     fresh_leaves = treedef.flatten_up_to({k: getattr(fresh, k) for k in _NETWORK_PARTS})
     parts = jax.tree.unflatten(treedef, [f if x is None else x for x, f in zip(loaded, fresh_leaves)])
     state = fresh.replace(**parts, opt_state=tx.init(parts["params"]))
-    return state if center is None else state.replace(center=center)
+    return state if center is None else state.replace(method_state={**state.method_state, "center": center})
 
   return jax.jit(build, out_shardings=out_shardings)(loaded, center)
 

@@ -56,8 +56,8 @@ def state_shardings(mesh, abstract_state):
   """Everything replicated except the SwAV queue, which is per device (its shard axis is split over `data`)."""
   rep = replicated(mesh)
   shardings = jax.tree.map(lambda _: rep, abstract_state)
-  if getattr(abstract_state, "queue", None) is not None:
-    shardings = shardings.replace(queue=NamedSharding(mesh, P(None, DATA)))
+  if "queue" in abstract_state.method_state:
+    shardings = shardings.replace(method_state={**shardings.method_state, "queue": NamedSharding(mesh, P(None, DATA))})
   return shardings
 
 

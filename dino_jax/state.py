@@ -24,8 +24,7 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any                  # optax state of the student's optimiser
   batch_stats: Any                # student BatchNorm running statistics ({} for a ViT with a BN-free head)
   teacher_batch_stats: Any        # the teacher's own running statistics: it runs in train mode, never EMA'd
-  center: jax.Array | None        # DINO centre [K]; None for SwAV (orbax cannot save empty arrays)
-  queue: jax.Array | None         # SwAV queue [n_assign, n_shards, Qd, D]; None without a queue
+  method_state: Any               # the method's own state: {'center': [K]} (DINO), {'queue': [...]} or {} (SwAV)
   nonfinite_step: jax.Array       # -1, or the first step whose loss was not finite (the state then stops changing)
 
 
@@ -105,14 +104,17 @@ def make_init_fn(config, tx, *, n_shards=None):
 
   def init():
     _, params, stats = split_model(build_model(config, nnx.Rngs(config.seed)))
-    center = jnp.zeros([config.model.out_dim], jnp.float32) if config.method == "dino" else None
-    queue = None
-    if config.method == "swav":
+    method_state = {}
+    if config.method == "dino":
+      method_state["center"] = jnp.zeros([config.model.out_dim], jnp.float32)
+    else:
       queue = losses.init_queue(config.loss.queue_length, batch_size=config.batch_size, n_shards=n_shards,
                                 n_assign=len(config.loss.crops_for_assign),
                                 dim=params["head"]["prototypes"]["kernel"].shape[0])
+      if queue is not None:
+        method_state["queue"] = queue
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, teacher=params, opt_state=tx.init(params),
-                      batch_stats=stats, teacher_batch_stats=stats, center=center,
-                      queue=queue, nonfinite_step=jnp.full([], -1, jnp.int32))
+                      batch_stats=stats, teacher_batch_stats=stats, method_state=method_state,
+                      nonfinite_step=jnp.full([], -1, jnp.int32))
 
   return init

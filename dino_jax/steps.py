@@ -85,13 +85,13 @@ def dino_update(state: TrainState, crops, key, *, graphdef, tx, schedules, confi
     targets = losses.sinkhorn_knopp(teacher_logits, epsilon=teacher_temp,
                                     num_iters=loss_cfg.get("sinkhorn_iters", 3))
   else:
-    targets = losses.teacher_targets(teacher_logits, state.center, teacher_temp)
+    targets = losses.teacher_targets(teacher_logits, state.method_state["center"], teacher_temp)
 
   # ---- student ------------------------------------------------------------------------------------------------------
   def loss_fn(params):
     model = merge_model(graphdef, params, state.batch_stats)
     logits = model(crops, rng=key, train=True)
-    loss = losses.dino_loss(logits, teacher_logits, state.center, student_temp=loss_cfg.student_temp,
+    loss = losses.dino_loss(logits, teacher_logits, state.method_state["center"], student_temp=loss_cfg.student_temp,
                             num_global=num_global, teacher_probs=targets)
     _, _, stats = split_model(model)
     return loss, (logits, stats)
@@ -101,10 +101,10 @@ def dino_update(state: TrainState, crops, key, *, graphdef, tx, schedules, confi
   params = optax.apply_updates(state.params, updates)
   momentum = schedules.momentum_teacher(state.step)
   teacher = ema(state.teacher, params, momentum)
-  center = losses.update_center(state.center, teacher_logits, loss_cfg.center_momentum)
+  center = losses.update_center(state.method_state["center"], teacher_logits, loss_cfg.center_momentum)
 
   new = commit(state, loss, params=params, teacher=teacher, opt_state=opt_state, batch_stats=student_stats,
-               teacher_batch_stats=teacher_stats, center=center)
+               teacher_batch_stats=teacher_stats, method_state={"center": center})
 
   metrics = {"loss": loss, "lr": schedules.lr(state.step), "wd": schedules.weight_decay(state.step),
              "teacher_momentum": momentum, "teacher_temp": teacher_temp,
@@ -139,7 +139,7 @@ def swav_update(state: TrainState, crops, key, *, graphdef, tx, schedules, confi
   batch = crops[0].shape[0] // config.crops.global_number
   # The queue (None unless `loss.queue_length` holds at least one global batch) is used and filled only from
   # `epoch_queue_starts` (the official creates it then); it lives in the state, so it is checkpointed.
-  queue = state.queue
+  queue = state.method_state.get("queue")
 
   # The optimiser also sees the normalised prototypes (LARC's trust ratio and the weight decay use ||p|| of the
   # normalised weight); the momentum buffer is left as it is, as in the official in-place normalisation.
@@ -164,7 +164,8 @@ def swav_update(state: TrainState, crops, key, *, graphdef, tx, schedules, confi
   updates, opt_state = tx.update(grads, state.opt_state, params)
   params = optax.apply_updates(params, updates)
   new = commit(state, loss, params=params, teacher=params, opt_state=opt_state, batch_stats=stats,
-               teacher_batch_stats=stats, queue=new_queue)
+               teacher_batch_stats=stats,
+               method_state={} if new_queue is None else {"queue": new_queue})
 
   metrics = {"loss": loss, "lr": schedules.lr(state.step), "wd": schedules.weight_decay(state.step),
              "grad_norm": tree_norm(grads), "update_norm": tree_norm(updates), "param_norm": tree_norm(params),

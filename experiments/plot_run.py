@@ -29,11 +29,27 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(workdir, path, num_classes_out=None, title=None):
+def _pyplot():
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt
 
+
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_curves(workdir, path, num_classes_out=None, title=None):
+  return _save(curves_figure(workdir, num_classes_out, title), path)
+
+
+def curves_figure(workdir, num_classes_out=None, title=None):
+  """One panel per metric of CURVES that the run logged, against the step; k-NN results in the title."""
+  plt = _pyplot()
   rows = read_metrics(workdir)
   keys = [(k, label) for k, label in CURVES if any(k in r for r in rows)]
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
@@ -55,16 +71,16 @@ def plot_curves(workdir, path, num_classes_out=None, title=None):
              if isinstance(v, dict) and "top1" in v]
     title += "   k-NN top-1 — " + ", ".join(parts)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return fig
 
 
 def plot_attention(config, state, path, n_images=6):
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return _save(attention_figure(config, state, n_images)[0], path)
+
+
+def attention_figure(config, state, n_images=6):
+  """(figure, images [n, H, W, 3], maps [n, heads, h, w]): each row an evaluation image and its heads' maps."""
+  plt = _pyplot()
 
   from dino_jax.data import sources  # noqa: PLC0415
   from dino_jax.data.multicrop import CenterCrop  # noqa: PLC0415
@@ -89,10 +105,7 @@ def plot_attention(config, state, path, n_images=6):
   for ax in axes.ravel():
     ax.axis("off")
   fig.suptitle("[CLS] attention, teacher's last block", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return fig, images, maps
 
 
 def main(argv=None):

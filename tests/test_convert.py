@@ -107,7 +107,7 @@ def test_dino_full_export_loads_in_torch_and_round_trips(tmp_path):
   back = convert.import_pth(str(tmp_path / "checkpoint.pth"), config, str(tmp_path / "back"))
   config2, restored = load_run(str(tmp_path / "back"))
   assert int(restored.step) == 0 and ckpt_lib.config_to_dict(config2) == ckpt_lib.config_to_dict(config)
-  for part in ("params", "teacher", "batch_stats", "teacher_batch_stats", "center"):
+  for part in ("params", "teacher", "batch_stats", "teacher_batch_stats", "method_state"):
     assert_bit_identical(getattr(restored, part), getattr(ours, part))
   assert_bit_identical(restored, back)
   # The data iterator's start is saved too, so dino_jax.train can resume from the imported run.

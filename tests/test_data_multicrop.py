@@ -129,3 +129,35 @@ def test_center_crop_matches_the_official_eval_transform():
 def test_unknown_interpolation_is_rejected():
   with pytest.raises(ValueError, match='bicubic'):
     MultiCrop((), interpolation='cubic')
+
+
+class _Scripted:
+  """The same stream of uniform numbers for both samplers: `uniform(lo, hi)` (numpy's Generator method, and the
+  reference's torch uniform_) and `integers(lo, hi)` (hi excluded, as numpy's and torch.randint)."""
+
+  def __init__(self, seed):
+    self._u = np.random.default_rng(seed)
+
+  def uniform(self, lo, hi):
+    return lo + (hi - lo) * self._u.random()
+
+  def integers(self, lo, hi):
+    return lo + int(self._u.random() * (hi - lo))
+
+
+def test_boxes_equal_torchvisions_for_the_same_draws():
+  """Our RandomResizedCrop box and torchvision's get_params fed the same uniform draws give the same box, for image
+  shapes from 1x1 to 1000x100, both crop scales, and boxes that hit torchvision's central fallback."""
+  shapes = [(500, 375), (375, 500), (64, 64), (1000, 100), (100, 1000), (7, 3), (1, 1), (33, 97)]
+  fallbacks = 0
+  for n, (width, height) in enumerate(shapes):
+    for scale in [(0.05, 0.4), (0.4, 1.0), (0.14, 1.0), (0.95, 1.0)]:
+      for trial in range(60):
+        seed = [n, int(scale[0] * 100), trial]
+        ours = random_resized_crop_box(width, height, scale, (3 / 4, 4 / 3), _Scripted(seed))
+        draws = _Scripted(seed)
+        theirs = ref.rrc_params(width, height, scale, uniform=draws.uniform, randint=draws.integers)
+        assert ours == theirs, (width, height, scale, trial, ours, theirs)
+        top, left, h, w = ours
+        fallbacks += (top, left) == ((height - h) // 2, (width - w) // 2) and (h, w) != (height, width)
+  assert fallbacks > 0   # the fallback branch was reached and agreed

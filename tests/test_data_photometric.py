@@ -255,3 +255,60 @@ def test_whole_augmentation_statistics_match_data_augmentation_dino():
       for name, u, v in zip(('mean', 'std', 'sharpness'), stats_a, stats_b):
         assert abs(u.mean() - v.mean()) < 4 * np.sqrt((u.var() + v.var()) / n), (where, name)
       assert abs(ga.mean() - gb.mean()) < 0.09, where
+
+
+def _knob_aug():
+  """Photometric settings with every knob away from the DINO and SwAV defaults; the global crops' blur and
+  solarisation probabilities are 0 or 1 so that which crop gets which is checked exactly."""
+  from configs import common  # noqa: PLC0415
+  aug = common.dino_defaults().aug
+  aug.jitter, aug.jitter_p, aug.gray_p = (0.3, 0.5, 0.7, 0.15), 0.6, 0.35
+  aug.blur_p_global, aug.blur_p_local, aug.blur_sigma = (1.0, 0.0), 0.5, (0.2, 1.5)
+  aug.solarize_p_global, aug.solarize_p_local = (0.0, 1.0), 0.3
+  aug.mean, aug.std = (0.3, 0.5, 0.45), (0.2, 0.25, 0.3)
+  return aug
+
+
+def test_augment_replays_through_the_official_pil_chain_group_by_group(crops):
+  """`augment`, the path the train step uses, crop by crop against the PIL chain torchvision runs (jitter in the
+  drawn order -> grayscale -> blur -> solarise -> ToTensor + Normalize with the config's mean and std), with the
+  parameters `augment` drew for each crop of each group (`augment_params`, same key); and those parameters follow
+  the config: per-crop probabilities of the global group exactly, the others in distribution."""
+  aug = _knob_aug()
+  batch = {'global': np.stack([crops[:6], crops[6:12]], axis=1),            # [6, 2, 40, 48, 3]
+           'local': np.stack([crops[1:7, :24, :24], crops[7:13, 8:32, 12:36]], axis=1)}
+  key = jax.random.key(7)
+  out = jax.tree.map(np.asarray, jax.jit(lambda b, k: P.augment(b, k, aug))(batch, key))
+  params = jax.tree.map(np.asarray, P.augment_params(batch, key, aug))
+  for group in ('global', 'local'):
+    p = params[group]
+    expected = np.empty(out[group].shape, np.float32)
+    for i, j in np.ndindex(*batch[group].shape[:2]):
+      img = Image.fromarray(batch[group][i, j])
+      if p['jitter'][i, j]:
+        img = ref.color_jitter(img, [int(k) for k in p['order'][i, j]], [float(f) for f in p['factors'][i, j]])
+      if p['gray'][i, j]:
+        img = ref.grayscale3(img)
+      if p['blur'][i, j]:
+        img = ref.gaussian_blur(img, float(p['sigma'][i, j]))
+      if p['solarize'][i, j]:
+        img = ref.solarize(img)
+      expected[i, j] = ref.to_tensor_normalize(img, aug.mean, aug.std).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(out[group], expected, rtol=1e-6, atol=1e-6, err_msg=group)
+  g = params['global']
+  assert g['blur'][:, 0].all() and not g['blur'][:, 1].any()
+  assert not g['solarize'][:, 0].any() and g['solarize'][:, 1].all()
+  assert (params['local']['jitter'] & (np.abs(params['local']['factors'][..., 3]) > 1 / 255)).any()   # hue moves
+
+  # The distributions, on many draws (cheap: no pixels): 4 standard errors.
+  many = {'global': np.zeros((4000, 2, 1, 1, 3), np.uint8), 'local': np.zeros((4000, 2, 1, 1, 3), np.uint8)}
+  params = jax.tree.map(np.asarray, P.augment_params(many, jax.random.key(8), aug))
+  for group, blur_p, solarize_p in (('global', (1.0, 0.0), (0.0, 1.0)), ('local', 0.5, 0.3)):
+    p = params[group]
+    for name, prob in (('jitter', aug.jitter_p), ('gray', aug.gray_p), ('blur', blur_p), ('solarize', solarize_p)):
+      np.testing.assert_allclose(p[name].mean(0), np.broadcast_to(prob, (2,)), atol=4 * np.sqrt(0.25 / 8000),
+                                 err_msg=f'{group} {name}')
+    b, c, s, h = aug.jitter
+    np.testing.assert_allclose(p['factors'].min((0, 1)), [1 - b, 1 - c, 1 - s, -h], atol=2e-3)
+    np.testing.assert_allclose(p['factors'].max((0, 1)), [1 + b, 1 + c, 1 + s, h], atol=2e-3)
+    np.testing.assert_allclose([p['sigma'].min(), p['sigma'].max()], aug.blur_sigma, atol=2e-3)

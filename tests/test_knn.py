@@ -51,3 +51,31 @@ def test_weights_overrule_the_majority():
 def test_k_larger_than_the_train_set_is_named():
   with pytest.raises(ValueError, match="k=5"):
     knn.knn_classifier(np.ones((3, 2)), np.zeros(3, int), np.ones((1, 2)), np.zeros(1, int), k=5)
+
+
+def test_evaluation_features_use_the_running_statistics():
+  """The k-NN / probe features of a network with BatchNorm are eval-mode features (eval_knn.py calls model.eval()):
+  a ResNet trunk with randomised running statistics against the PyTorch reference in eval mode."""
+  from flax import nnx  # noqa: PLC0415
+  from dino_jax import models  # noqa: PLC0415
+  from dino_jax.evaluate import features  # noqa: PLC0415
+  from dino_jax.interop import torch as interop  # noqa: PLC0415
+  from tests.test_models_resnet import randomise_batchnorms  # noqa: PLC0415
+  from tests.torch_ref.resnet import ResNet50  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  net = ResNet50(width=8)
+  for i in range(4):
+    setattr(net, f"layer{i + 1}", getattr(net, f"layer{i + 1}")[:1])
+  randomise_batchnorms(net, 1)
+  ours = models.ResNet((1, 1, 1, 1), width=8, rngs=nnx.Rngs(0))
+  interop.load_state_dict(ours, {k: v.numpy() for k, v in net.state_dict().items()})
+  graphdef, params, stats = nnx.split(ours, nnx.Param, nnx.BatchStat)
+  mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+  fn = features.make_feature_fn(graphdef, mean, std)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  got = np.asarray(fn(params.to_pure_dict(), stats.to_pure_dict(), images))
+  x = (images / np.float32(255) - np.float32(mean)) / np.float32(std)
+  with torch.no_grad():
+    want = net.eval().features(torch.from_numpy(x.astype(np.float32).transpose(0, 3, 1, 2))).numpy()
+  assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

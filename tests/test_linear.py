@@ -93,6 +93,10 @@ def test_linear_probe_end_to_end_and_cli(tmp_path):
   state = run_state(run)
   out = linear.linear_probe(config, state.teacher["backbone"], {})
   assert [h["epoch"] for h in out["history"]] == [0, 1, 2]
+  peak = 0.1 * 64 / 256                                                          # lr x batch / 256, by hand
+  np.testing.assert_allclose([h["lr"] for h in out["history"]],
+                             [peak, peak * 0.5 * (1 + np.cos(np.pi / 3)), peak * 0.5 * (1 + np.cos(2 * np.pi / 3))],
+                             rtol=1e-6)
   assert [("top1" in h) for h in out["history"]] == [True, False, True]          # every val_freq epochs and the last
   assert out["top1_best"] == max(out["history"][0]["top1"], out["history"][2]["top1"])
   assert out["top1"] == out["history"][2]["top1"] and out["feature_dim"] == 32 * 1   # 1 block, n_last_blocks 4
@@ -119,4 +123,6 @@ def test_linear_probe_end_to_end_and_cli(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.load(open(os.path.join(run, "eval_linear.json")))
   assert saved["step"] == 2 and saved["teacher"]["epochs"] == 1 and saved["teacher"]["batch_size"] == 64
-  assert "best top-1" in proc.stdout and 0.0 <= saved["teacher"]["top1"] <= 100.0
+  top1 = saved["teacher"]["top1"]
+  assert top1 == saved["teacher"]["history"][-1]["top1"] and f"{top1:.2f}" in proc.stdout   # printed = saved
+  assert "best top-1" in proc.stdout

@@ -110,8 +110,8 @@ def test_resnet50_parity_train_then_eval(twin):
 
 def test_swav_model_parity():
   """SwAV's model (pad 1 + 7x7 conv padding 2, projection with BN, prototypes) loaded from its
-  flat `module.`-prefixed state dict into resnet50 + SwAVHead: same stem, same head (the
-  bottlenecks are torchvision's, tested above)."""
+  flat `module.`-prefixed state dict into resnet50 + SwAVHead: the whole model end to end in eval and train mode,
+  then the stem and the head each on the reference's own inputs (the bottlenecks are torchvision's, tested above)."""
   torch.manual_seed(2)
   ref = SwAVResNet50(hidden_mlp=2048, output_dim=128, nmb_prototypes=300).train()
   randomise_batchnorms(ref, 2)
@@ -119,6 +119,18 @@ def test_swav_model_parity():
                                                  SwAVHead(2048, nmb_prototypes=300, rngs=nnx.Rngs(0))))
   import_checkpoint(ours, {"module." + k: v for k, v in ref.state_dict().items()})
   x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+  # The whole model end to end. Train mode: within 3x PyTorch fp32's own distance from float64 (the BatchNorms of a
+  # random ResNet-50 on 4 small images amplify rounding, see test_resnet50_parity_train_then_eval); eval mode: 1e-5.
+  ref64 = copy.deepcopy(ref).double().train()
+  with torch.no_grad():
+    want, theirs = ref64(x.double()), copy.deepcopy(ref).train()(x)
+  z, s = nnx.clone(ours)([nhwc(x)], train=True)
+  for got, w, t in ((z, want[0], theirs[0]), (s, want[1], theirs[1])):
+    assert rel_err(got, w) <= 3 * rel_err(t, w) + 1e-6, (rel_err(got, w), rel_err(t, w))
+  with torch.no_grad():
+    z_ref, s_ref = copy.deepcopy(ref).eval()(x)
+  z, s = ours([nhwc(x)], train=False)
+  assert rel_err(z, z_ref) <= TOL and rel_err(s, s_ref) <= TOL
   with torch.no_grad():
     # SwAV's padded stem is torchvision's, and the head is SwAV's, on identical inputs.
     assert rel_err(ours.backbone.stem(nhwc(x), train=True), ref.stem(x).permute(0, 2, 3, 1)) <= TOL

@@ -1,6 +1,7 @@
 """experiments/plot_run.py on a two-step run: curves and attention maps are written; the maps are attention
 (dino_jax.evaluate.attention) and equal the PyTorch reference ViT's last self-attention on the same weights."""
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -30,11 +31,27 @@ def test_plot_run_writes_curves_and_attention_maps(tmp_path):
   plot_run = _plot_module()
   written = plot_run.main([f"--workdir={run}", f"--out={tmp_path}/fig", "--images=3"])
   assert [os.path.basename(p) for p in written] == ["fig_curves.png", "fig_attention.png"]
+  from PIL import Image  # noqa: PLC0415
   for path in written:
-    with open(path, "rb") as f:
-      assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+    pixels = np.asarray(Image.open(path).convert("L"), np.float32)
+    assert min(pixels.shape) > 100 and pixels.std() > 5, path        # a picture, not a blank page
 
+  # What the figures draw: the logged curves, step by step, and the attention maps of the images shown.
+  metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+  fig = plot_run.curves_figure(run)
+  panels = {ax.get_title(): ax.lines[0].get_xydata() for ax in fig.axes}
+  for key, label in plot_run.CURVES:
+    if key in metrics[0]:
+      np.testing.assert_array_equal(panels[label], [[m["step"], m[key]] for m in metrics], err_msg=key)
+  assert {"loss", "teacher entropy (nats)"} <= set(panels)
   config, state = load_run(run)
+  fig, shown, shown_maps = plot_run.attention_figure(config, state, 3)
+  for r in range(3):
+    np.testing.assert_array_equal(fig.axes[r * 3].images[0].get_array(), shown[r])
+    for hd in range(2):
+      np.testing.assert_array_equal(fig.axes[r * 3 + 1 + hd].images[0].get_array(), shown_maps[r, hd])
+  np.testing.assert_allclose(shown_maps, cls_attention_maps(config, state.teacher["backbone"], {}, shown), rtol=1e-6)
+
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
   maps = cls_attention_maps(config, state.teacher["backbone"], {}, images)
   assert maps.shape == (3, 2, 4, 4)                      # 2 heads, 16 px / patch 4

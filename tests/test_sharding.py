@@ -44,3 +44,20 @@ def test_four_devices_match_one_device(tmp_path):
   for a, b in zip(one, four):
     for key in ("loss", "center_norm", "teacher_entropy", "kl_teacher_student", "grad_norm", "param_norm"):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"{key} at step {a['step']}")
+
+
+def test_swav_queue_is_split_over_the_data_axis():
+  """Each device holds its own queue rows (the official per-GPU queue), not a replicated copy; the rest of the state
+  is replicated."""
+  import jax  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  from dino_jax import optim, sharding  # noqa: PLC0415
+  from dino_jax.state import make_init_fn  # noqa: PLC0415
+  from tests.helpers import recipe  # noqa: PLC0415
+
+  config = recipe("swav_quickstart")
+  tx = optim.make_optimizer(config, optim.make_schedules(config, 1), None)
+  abstract = jax.eval_shape(make_init_fn(config, tx))
+  shardings = sharding.state_shardings(sharding.make_mesh(), abstract)
+  assert shardings.method_state["queue"].spec == P(None, sharding.DATA)
+  assert all(s.spec == P() for s in jax.tree.leaves(shardings.params))

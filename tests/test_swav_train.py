@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from dino_jax import train
+from dino_jax.evaluate import run as eval_run
 from tests.helpers import ROOT, recipe, run_metrics, run_state
 
 STEPS = 4
@@ -24,8 +25,8 @@ def test_swav_trains_checkpoints_the_queue_resumes_and_evaluates(tmp_path):
   run = str(tmp_path / "run")
   train.train_and_evaluate(_config(max_steps=2, **{"eval.test_source": None}), run)
   saved = run_state(run)
-  assert saved.queue.shape == (2, 1, 32, 16)
-  assert np.all(np.any(saved.queue != 0, axis=-1))                      # the checkpoint holds the full queue
+  assert saved.method_state["queue"].shape == (2, 1, 32, 16)
+  assert np.all(np.any(saved.method_state["queue"] != 0, axis=-1))      # the checkpoint holds the full queue
   out = train.train_and_evaluate(_config(max_steps=STEPS), run)
   lines = run_metrics(run)
   assert [l["step"] for l in lines] == list(range(1, STEPS + 1))
@@ -33,9 +34,13 @@ def test_swav_trains_checkpoints_the_queue_resumes_and_evaluates(tmp_path):
     assert all(np.isfinite(l[key]) for l in lines), key
   assert [l["queue_used"] for l in lines] == [0.0, 0.0, 1.0, 1.0]
   final = run_state(run)
-  assert int(final.step) == STEPS and not np.array_equal(final.queue, saved.queue)
+  assert int(final.step) == STEPS and not np.array_equal(final.method_state["queue"], saved.method_state["queue"])
   ev = json.load(open(os.path.join(run, "eval.json")))
-  assert 0.0 <= ev["teacher"]["k=5"]["top1"] <= 100.0 and "random_init" in ev
+  assert "random_init" in ev
+  # The table is the trained network's k-NN (SwAV has no teacher): recomputed from the checkpoint's parameters.
+  config = _config(max_steps=STEPS)
+  again = eval_run.knn_eval(config, final.params["backbone"], final.batch_stats.get("backbone", {}))
+  assert again == ev["teacher"] and ev["teacher"]["k=5"]["top1"] > 20.0   # chance: 10 %
   assert out["train"]["step"] == STEPS
 
   # The same run on 2 (fake CPU) devices: batch and queue split over the data axis, SyncBatchNorm and Sinkhorn-Knopp
@@ -48,6 +53,8 @@ def test_swav_trains_checkpoints_the_queue_resumes_and_evaluates(tmp_path):
                          "--config.eval.test_source="],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for one_device, two_devices in zip(lines, run_metrics(two)):
+  two_lines = run_metrics(two)
+  assert [l["step"] for l in two_lines] == [l["step"] for l in lines]
+  for one_device, two_devices in zip(lines, two_lines):
     for key in ("loss", "queue_used", "cluster_entropy"):
       assert abs(one_device[key] - two_devices[key]) <= 1e-5 * max(abs(one_device[key]), 1.0), key

@@ -299,28 +299,29 @@ def apply(x, params, *, hue=True, max_sigma=2.0):
   return jnp.where(_per_crop(params['solarize'], y), solarize(y), y)
 
 
-def _group(x, key, aug, blur_p, solarize_p):
-  params = sample_params(
-      key, x.shape[:-3], jitter=tuple(aug.jitter), jitter_p=aug.jitter_p, gray_p=aug.gray_p,
-      blur_p=blur_p, blur_sigma=tuple(aug.blur_sigma), solarize_p=solarize_p)
-  y = apply(x, params, hue=float(aug.jitter[3]) > 0, max_sigma=float(aug.blur_sigma[1]))
-  return normalize(y, aug.mean, aug.std, jnp.dtype(aug.get('dtype', 'float32')))
+def augment_params(batch, key, aug):
+  """{'global': params, 'local': params}: the per-crop draws `augment` makes for `batch` with `key` (see
+  `sample_params`). `aug.blur_p_global` and `aug.solarize_p_global` give one probability per global crop (DINO:
+  blur 1.0 / 0.1, solarise 0 / 0.2) or one for all; local crops use `aug.blur_p_local` and `aug.solarize_p_local`."""
+  keys = dict(zip(('global', 'local'), jax.random.split(key)))
+  probabilities = {'global': (aug.blur_p_global, aug.solarize_p_global),
+                   'local': (aug.blur_p_local, aug.solarize_p_local)}
+  return {name: sample_params(
+      keys[name], batch[name].shape[:-3], jitter=tuple(aug.jitter), jitter_p=aug.jitter_p, gray_p=aug.gray_p,
+      blur_p=_probability(probabilities[name][0]), blur_sigma=tuple(aug.blur_sigma),
+      solarize_p=_probability(probabilities[name][1]))
+      for name in ('global', 'local') if name in batch}
 
 
 def augment(batch, key, aug):
   """{'global': uint8 [B, n, G, G, 3], 'local': uint8 [B, m, L, L, 3]} -> normalised floats.
 
-  Per-crop randomness from `key` (fold the step in before calling). `aug.blur_p_global` and
-  `aug.solarize_p_global` give one probability per global crop (DINO: blur 1.0 / 0.1, solarise
-  0 / 0.2) or one for all; local crops use `aug.blur_p_local` and `aug.solarize_p_local`.
+  Per-crop randomness from `key` (fold the step in before calling), drawn by `augment_params`.
   """
-  key_global, key_local = jax.random.split(key)
-  out = {'global': _group(batch['global'], key_global, aug, _probability(aug.blur_p_global),
-                          _probability(aug.solarize_p_global))}
-  if 'local' in batch:
-    out['local'] = _group(batch['local'], key_local, aug, _probability(aug.blur_p_local),
-                          _probability(aug.get('solarize_p_local', 0.0)))
-  return out
+  dtype = jnp.dtype(aug.get('dtype', 'float32'))
+  return {name: normalize(apply(batch[name], params, hue=float(aug.jitter[3]) > 0,
+                                max_sigma=float(aug.blur_sigma[1])), aug.mean, aug.std, dtype)
+          for name, params in augment_params(batch, key, aug).items()}
 
 
 def _probability(p):

@@ -71,13 +71,18 @@ def init_classifier(key, dim: int, num_labels: int) -> dict:
           "bias": jnp.zeros((num_labels,), jnp.float32)}
 
 
-def classifier_tx(peak_lr: float, epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD momentum 0.9 (PyTorch's: buffer = m * buffer + g, the first buffer = g), no weight decay, with the lr of
-  CosineAnnealingLR(T_max=epochs, eta_min=0) held constant within each epoch."""
+def classifier_lr(peak_lr: float, epochs: int, steps_per_epoch: int):
+  """step -> the lr of CosineAnnealingLR(T_max=epochs, eta_min=0), held constant within each epoch."""
   def lr(step):
     epoch = jnp.minimum(step // steps_per_epoch, epochs)
     return peak_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
-  return optax.sgd(lr, momentum=0.9)
+  return lr
+
+
+def classifier_tx(peak_lr: float, epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD momentum 0.9 (PyTorch's: buffer = m * buffer + g, the first buffer = g), no weight decay, on
+  `classifier_lr`."""
+  return optax.sgd(classifier_lr(peak_lr, epochs, steps_per_epoch), momentum=0.9)
 
 
 def classifier_update(classifier, opt_state, feats, labels, tx):
@@ -115,7 +120,8 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
   """Trains the official linear classifier on config.eval.train_source and validates on config.eval.test_source.
 
   Returns {'top1', 'top5' (after the last epoch), 'top1_best' (the official report), 'epochs', 'lr', 'batch_size',
-  'n_last_blocks', 'avgpool', 'feature_dim', 'history': [{'epoch', 'loss', 'top1', 'top5'}, ...]}.
+  'n_last_blocks', 'avgpool', 'feature_dim', 'history': [{'epoch', 'lr' (the classifier's lr in that epoch),
+  'loss', 'top1', 'top5'}, ...]}.
   """
   e, lin = config.eval, linear_config(config)
   mesh = mesh or sharding.make_mesh()
@@ -144,6 +150,7 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
   spe = pipeline.steps_per_epoch(train_src, probe_cfg)
   peak_lr = float(lin.lr) * int(lin.batch_size) / 256.0
   tx = classifier_tx(peak_lr, int(lin.epochs), spe)
+  lr_at = classifier_lr(peak_lr, int(lin.epochs), spe)
   classifier = init_classifier(jax.random.key(int(lin.seed)), dim, num_labels)
   opt_state = tx.init(classifier)
 
@@ -166,7 +173,7 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
         classifier, opt_state, loss = step(classifier, opt_state, backbone_params, backbone_stats, g["image"],
                                            g["label"])
         losses.append(loss)
-      record = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))}
+      record = {"epoch": epoch, "lr": float(lr_at(epoch * spe)), "loss": float(np.mean(jax.device_get(losses)))}
       if epoch % val_freq == 0 or epoch == int(lin.epochs) - 1:
         c = jax.device_get(classifier)
         record["top1"], record["top5"] = accuracy(test_f @ c["kernel"] + c["bias"], test_y)

@@ -116,7 +116,7 @@ def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> di
   if config.method == "dino":
     results["teacher_entropy"] = output_entropy(config, jax.device_get(state.teacher),
                                                 jax.device_get(state.teacher_batch_stats),
-                                                jax.device_get(state.center), mesh=mesh)
+                                                jax.device_get(state.method_state["center"]), mesh=mesh)
   return results
 
 

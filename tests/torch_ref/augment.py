@@ -28,18 +28,27 @@ def pil_loader(data):
 
 # ---- geometry -------------------------------------------------------------------------------
 
-def rrc_params(width, height, scale, ratio=(3 / 4, 4 / 3)):
-  """torchvision RandomResizedCrop.get_params, torch RNG: (top, left, h, w)."""
+def _torch_uniform(lo, hi):
+  return torch.empty(1).uniform_(float(lo), float(hi)).item()
+
+
+def _torch_randint(lo, hi):
+  return torch.randint(lo, hi, size=(1,)).item()
+
+
+def rrc_params(width, height, scale, ratio=(3 / 4, 4 / 3), uniform=_torch_uniform, randint=_torch_randint):
+  """torchvision RandomResizedCrop.get_params: (top, left, h, w). Draws from the torch RNG, or from the given
+  `uniform(lo, hi)` and `randint(lo, hi)` (hi excluded), in torchvision's order."""
   area = height * width
-  log_ratio = torch.log(torch.tensor(ratio))
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
-    target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-    aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+    target_area = area * uniform(scale[0], scale[1])
+    aspect = math.exp(uniform(log_ratio[0], log_ratio[1]))
     w = int(round(math.sqrt(target_area * aspect)))
     h = int(round(math.sqrt(target_area / aspect)))
     if 0 < w <= width and 0 < h <= height:
-      top = torch.randint(0, height - h + 1, size=(1,)).item()
-      left = torch.randint(0, width - w + 1, size=(1,)).item()
+      top = randint(0, height - h + 1)
+      left = randint(0, width - w + 1)
       return top, left, h, w
   in_ratio = float(width) / float(height)
   if in_ratio < min(ratio):

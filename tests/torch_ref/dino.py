@@ -55,12 +55,16 @@ class DINOLoss(torch.nn.Module):
 
 
 def clip_gradients(model, clip):
+  """Returns the number of tensors whose gradient was scaled down (tests check that clipping is active)."""
+  clipped = 0
   for p in model.parameters():
     if p.grad is not None:
       norm = p.grad.data.norm(2)
       coef = clip / (norm + 1e-6)
       if coef < 1:
         p.grad.data.mul_(coef)
+        clipped += 1
+  return clipped
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
@@ -110,19 +114,20 @@ class Trainer:
   def __init__(self, student, teacher, *, out_dim, ncrops, epochs, niter_per_ep, batch_size, optimizer="adamw",
                lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
                freeze_last_layer=1, momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.04,
-               warmup_teacher_temp_epochs=0):
+               warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, momentum=0.9):
     self.student, self.teacher = student, teacher
     self.teacher.load_state_dict(self.student.state_dict())
     for p in self.teacher.parameters():
       p.requires_grad = False
-    self.loss = DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs)
+    self.loss = DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs,
+                         student_temp=student_temp, center_momentum=center_momentum)
     groups = params_groups(student)
     if optimizer == "adamw":
       self.opt = torch.optim.AdamW(groups)
     elif optimizer == "sgd":
-      self.opt = torch.optim.SGD(groups, lr=0, momentum=0.9)
+      self.opt = torch.optim.SGD(groups, lr=0, momentum=momentum)
     else:
-      self.opt = LARS(groups)
+      self.opt = LARS(groups, momentum=momentum)
     self.lr = cosine_scheduler(lr * batch_size / 256.0, min_lr, epochs, niter_per_ep, warmup_epochs=warmup_epochs)
     self.wd = cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)
     self.mom = cosine_scheduler(momentum_teacher, 1, epochs, niter_per_ep)
@@ -140,8 +145,7 @@ class Trainer:
     loss = self.loss(student_out, teacher_out, epoch)
     self.opt.zero_grad()
     loss.backward()
-    if self.clip:
-      clip_gradients(self.student, self.clip)
+    self.clipped = clip_gradients(self.student, self.clip) if self.clip else 0
     cancel_gradients_last_layer(epoch, self.student, self.freeze)
     self.opt.step()
     with torch.no_grad():

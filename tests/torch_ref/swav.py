@@ -163,9 +163,10 @@ class Trainer:
 
   def __init__(self, model, *, nmb_crops, batch_size, epochs, niter_per_ep, crops_for_assign=(0, 1), feat_dim=128,
                base_lr=4.8, final_lr=0.0, warmup_epochs=10, start_warmup=0.0, wd=1e-6, freeze_prototypes_niters=313,
-               queue_length=0, epoch_queue_starts=15, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3):
+               queue_length=0, epoch_queue_starts=15, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
+               momentum=0.9):
     self.model = model.train()
-    self.opt = LARC(torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=wd),
+    self.opt = LARC(torch.optim.SGD(model.parameters(), lr=base_lr, momentum=momentum, weight_decay=wd),
                     trust_coefficient=0.001, clip=False)
     self.lr = lr_schedule(base_lr, final_lr, epochs, niter_per_ep, warmup_epochs, start_warmup)
     self.loss = SwAVLossReference(nmb_crops, crops_for_assign, temperature=temperature, epsilon=epsilon,
