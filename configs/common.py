@@ -54,6 +54,7 @@ def dino_defaults():
   c.optim.clip_grad = 3.0       # per tensor; 0 disables
   c.optim.freeze_last_layer = 1  # epochs
   c.optim.momentum = 0.9        # sgd / lars
+  c.optim.decay_all = False     # True: weight decay on every tensor (SwAV); False: not on biases and 1-D tensors
 
   c.crops = ml_collections.ConfigDict()
   c.crops.global_size = 224
@@ -76,12 +77,17 @@ def dino_defaults():
   c.aug.solarize_p_local = 0.0
   c.aug.mean = IMAGENET_MEAN
   c.aug.std = IMAGENET_STD
+  c.aug.dtype = "float32"       # the augmented crops (the model casts them to its compute dtype)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = ml_collections.config_dict.placeholder(str)  # e.g. 'imagefolder:/data/imagenet/train'
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.num_workers = 10
-  c.data.on_bad_image = "skip"
+  c.data.num_workers = 10       # grain worker processes (0: in-process)
+  c.data.threads_per_worker = 2
+  c.data.prefetch_batches = 2   # per worker; elements are whole batches
+  c.data.jpeg_draft = True      # decode large JPEGs at 1/2..1/8 scale when every crop allows it (multicrop.py)
+  c.data.exif_transpose = False  # torchvision ignores EXIF orientation
+  c.data.on_bad_image = "skip"  # or "fail"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.train_source = ml_collections.config_dict.placeholder(str)
@@ -113,6 +119,8 @@ def swav_defaults():
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet50"
+  c.model.patch_size = 16       # for a ViT backbone
+  c.model.drop_path_rate = 0.0  # for a ViT backbone (ResNet-50 has no stochastic depth)
   c.model.hidden_mlp = 2048     # projection 2048 -> hidden_mlp (BN, ReLU) -> feat_dim
   c.model.feat_dim = 128
   c.model.nmb_prototypes = 3000
@@ -160,6 +168,7 @@ def swav_defaults():
   c.aug.solarize_p_local = 0.0
   c.aug.mean = IMAGENET_MEAN
   c.aug.std = SWAV_STD
+  c.aug.dtype = "float32"
   return c
 
 
@@ -213,11 +222,12 @@ def digits_quickstart(c, *, photometry: bool):
   c.crops.local_scale = (0.2, 0.5)
   c.crops.flip = False
   if not photometry:
+    off = lambda p: tuple(0.0 for _ in p) if isinstance(p, tuple) else 0.0   # per-crop tuples or one probability
     c.aug.jitter_p = 0.0
     c.aug.gray_p = 0.0
-    c.aug.blur_p_global = (0.0, 0.0) if c.method == "dino" else 0.0
+    c.aug.blur_p_global = off(c.aug.blur_p_global)
     c.aug.blur_p_local = 0.0
-    c.aug.solarize_p_global = (0.0, 0.0) if c.method == "dino" else 0.0
+    c.aug.solarize_p_global = off(c.aug.solarize_p_global)
   c.data.source = "digits:train"
   c.data.num_workers = 0             # in-process: the 2 cores are busy with the model
   c.eval.train_source = "digits:train"
@@ -231,17 +241,4 @@ def digits_quickstart(c, *, photometry: bool):
   c.eval.linear.lr = 0.3             # the official 0.001 barely moves the classifier in 1,100 steps (measured: 19%)
   c.eval.linear.crop_scale = (0.5, 1.0)   # the training crops' scale; 0.08 leaves little of a digit
   c.eval.linear.flip = False
-  return c
-
-
-def digits_test_variant(c):
-  """The seconds-long variant of a digits quickstart that the test suite runs end to end: 2 epochs at batch 16, a
-  one-block ViT of width 32, 2 local crops, a log line and a checkpoint every step or two."""
-  c.epochs = 2
-  c.batch_size = 16
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
-  c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
-  c.crops.local_number = 2
-  c.eval.knn_k = (5,)
   return c

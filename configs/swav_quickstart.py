@@ -22,7 +22,6 @@ What differs from the ImageNet recipe, and why (each tried here, on this data):
   --config.aug.blur_p_global=0.5 --config.aug.blur_p_local=0.5`) the codes went uniform (loss = ln 30 = 3.40) and the
   k-NN stayed at the random-init level (36.7% / 35.3%). (DINO's quickstart, by contrast, gains from its photometry.)
 
-`--config=configs/swav_quickstart.py:test` is a seconds-long variant for the test suite.
 """
 from configs import common
 
@@ -50,13 +49,7 @@ def get_config(arg=None):
   c.optim.clip_grad = 3.0
   c.optim.freeze_prototypes_niters = 22   # one epoch (1,437 // 64)
 
-  if arg == "test":  # a few seconds: the test suite's end-to-end runs
-    common.digits_test_variant(c)
-    c.model.hidden_mlp = 32         # with the projection's BatchNorm: its statistics are checkpointed and synced
-    c.model.feat_dim, c.model.nmb_prototypes = 16, 20
-    c.loss.queue_length = 32        # 2 batches, filled from the first step
-    c.loss.epoch_queue_starts = 0
-    c.optim.freeze_prototypes_niters = 2
-  elif arg:
-    raise ValueError(f"configs/swav_quickstart.py: unknown variant {arg!r} (valid: 'test')")
+  if arg:
+    raise ValueError(f"configs/swav_quickstart.py: takes no argument, got {arg!r} (the test suite's tiny variant is "
+                     "tests/configs/swav_quickstart_test.py)")
   return c

@@ -13,6 +13,7 @@ import os
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 # Keys whose change makes a checkpoint unusable (parameter shapes or the meaning of the state differ).
@@ -105,6 +106,47 @@ class Checkpoints:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def complete_config(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved with a checkpoint, completed with today's defaults of its method for the keys added since it
+  was written (the library reads `config.x` for every key). Saved values win; JSON lists become the tuples the
+  defaults hold."""
+  from dino_jax import methods  # noqa: PLC0415 (methods -> convert -> this module)
+  method = methods.get(saved["method"])
+  config = method.defaults() if method.defaults is not None else ml_collections.ConfigDict()
+
+  def merge(node, values):
+    for key, value in values.items():
+      current = node.get(key) if key in node else None
+      if isinstance(value, dict) and isinstance(current, ml_collections.ConfigDict):
+        merge(current, value)
+      elif key in node and isinstance(current, tuple) and isinstance(value, list):
+        node[key] = tuple(value)
+      elif key in node:
+        node[key] = value
+      else:
+        node[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+  with config.unlocked():
+    merge(config, saved)
+  return config
+
+
+def load_run(workdir, step=None):
+  """(config, state) of a run's checkpoint (latest, or `step`), the state restored on this host's devices with the
+  shardings training uses. For evaluation, conversion and plots; training resumes through `Checkpoints.restore`."""
+  from dino_jax import state as state_lib  # noqa: PLC0415
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+  try:
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    config = complete_config(checkpoints.saved_config(step))
+    state = checkpoints.restore(state_lib.build_run(config).abstract, step=step)
+  finally:
+    checkpoints.close()
+  return config, state
 
 
 def abstract_like(tree):

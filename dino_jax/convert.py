@@ -42,16 +42,14 @@ import logging
 import os
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from dino_jax import checkpoint as ckpt_lib
-from dino_jax import optim, sharding
+from dino_jax import methods
+from dino_jax import state as state_lib
 from dino_jax.data import pipeline, sources
-from dino_jax.evaluate.run import load_run
 from dino_jax.interop import torch as interop
-from dino_jax.state import graphdef_of, make_init_fn
 
 KINDS = ("full", "backbone", "teacher_backbone")
 
@@ -60,17 +58,18 @@ KINDS = ("full", "backbone", "teacher_backbone")
 
 def networks(config, state):
   """(student, teacher) MultiCropWrappers holding a train state's parameters and BatchNorm statistics (host copies;
-  an abstract state from jax.eval_shape gives abstract modules)."""
-  graphdef = graphdef_of(config)
+  an abstract state from jax.eval_shape gives abstract modules). The teacher is the network the method evaluates
+  (for SwAV, a second copy of the trained network)."""
+  graphdef = state_lib.graphdef_of(config)
   student = nnx.merge(graphdef, *jax.device_get((state.params, state.batch_stats)))
-  teacher = nnx.merge(graphdef, *jax.device_get((state.teacher, state.teacher_batch_stats)))
+  teacher = nnx.merge(graphdef, *jax.device_get(methods.get(config.method).evaluated(state)))
   return student, teacher
 
 
 def completed_epochs(config, step):
   """Epochs completed at `step`, counted on config.data.source (the official checkpoint's 'epoch')."""
   try:
-    source = sources.get_source(config.data.source, data_dir=config.data.get("data_dir"))
+    source = sources.get_source(config.data.source, data_dir=config.data.data_dir)
     per_epoch = pipeline.steps_per_epoch(source, config)
   except (ValueError, OSError, TypeError, AttributeError) as e:
     raise ValueError(f"cannot count the epochs of step {step}: config.data.source={config.data.source!r} is not "
@@ -92,18 +91,12 @@ def export_object(config, state, kind, *, epoch=None):
     return interop.export_checkpoint(teacher, "backbone")
   if epoch is None:
     raise ValueError("kind='full' needs the epoch")
-  if config.method == "swav":
-    return {"epoch": int(epoch), "state_dict": interop.export_checkpoint(student, "swav")}
-  out = interop.export_checkpoint(student, "dino", teacher=teacher)
-  out["epoch"] = int(epoch)
-  # DINOLoss keeps its centre as a [1, out_dim] buffer.
-  out["dino_loss"] = {"center": np.asarray(jax.device_get(state.method_state["center"]), np.float32)[None]}
-  return out
+  return methods.get(config.method).export(config, student, teacher, state, epoch)
 
 
 def export_run(workdir, out, *, kind="full", step=None, epoch=None):
   """Write a run's checkpoint (latest, or `step`) to `out` as an official .pth. Returns the saved object."""
-  config, state = load_run(workdir, step)
+  config, state = ckpt_lib.load_run(workdir, step)
   step = int(jax.device_get(state.step))
   if kind == "full" and epoch is None:
     epoch = completed_epochs(config, step)
@@ -118,47 +111,23 @@ def export_run(workdir, out, *, kind="full", step=None, epoch=None):
 
 # ------------------------------------------------------------------ import
 
-def _optimizer(config):
-  # The optimiser state's structure does not depend on the schedule values: any steps_per_epoch builds it.
-  schedules = optim.make_schedules(config, 1)
-  return optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, 1))
-
-
-def _is_dino_training_checkpoint(obj):
-  return isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in ("student", "teacher"))
-
-
-def _has_swav_head(obj):
-  sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-  return isinstance(sd, dict) and any(str(k).replace("module.", "").startswith("prototypes.") for k in sd)
-
-
 def _describe(config):
   m = config.model
-  patch = f"/{m.get('patch_size', 16)}" if m.arch.startswith("vit") else ""
-  overrides = dict(m.get("overrides", {}))
+  patch = f"/{m.patch_size}" if m.arch.startswith("vit") else ""
+  overrides = dict(m.overrides)
   return f"{config.method} {m.arch}{patch}" + (f" {overrides}" if overrides else "")
 
 
-def _load(pth, what, config, fn, *args, **kwargs):
-  """fn(*args, **kwargs), with a refusal re-raised naming the file, the part and the config's model."""
+def load_into(pth, what, config, module, obj, **kwargs):
+  """interop.import_checkpoint(module, obj, **kwargs), with a refusal re-raised naming the file, the part and the
+  config's model. Returns its notes."""
   try:
-    return fn(*args, **kwargs)
+    return interop.import_checkpoint(module, obj, **kwargs)
   except interop.StateDictMismatchError as e:
     raise interop.StateDictMismatchError(f"{pth}: {what} does not fit the config's model ({_describe(config)}):\n"
                                          f"{e}") from e
   except (ValueError, TypeError) as e:
     raise type(e)(f"{pth}: {what}: {e}") from e
-
-
-def _center(pth, obj, out_dim):
-  c = (obj.get("dino_loss") or {}).get("center")
-  if c is None:
-    return None
-  c = np.asarray(c, np.float32)  # a torch tensor (CPU: load_pth maps to the CPU) or an array
-  if c.size != out_dim or c.ndim > 2:
-    raise ValueError(f"{pth}: dino_loss.center has shape {tuple(c.shape)}, the config's head has out_dim {out_dim}")
-  return c.reshape(out_dim)
 
 
 _NETWORK_PARTS = ("params", "batch_stats", "teacher", "teacher_batch_stats")
@@ -167,36 +136,36 @@ _NETWORK_PARTS = ("params", "batch_stats", "teacher", "teacher_batch_stats")
 def load_networks(pth, obj, config, abstract, *, checkpoint_key="teacher", backbone_only=False):
   """The official checkpoint `obj` (read from `pth`) loaded into the networks of `abstract` (the train state's shapes).
 
-  Returns ({part: pure dict}, centre or None) for the parts params, batch_stats, teacher, teacher_batch_stats; leaves
-  the file does not provide (a head, for a backbone file) stay ShapeDtypeStructs, to be initialised as the config
-  initialises them. Nothing is computed here, so a file of the wrong architecture is refused before any compilation.
+  Returns ({part: pure dict}, method_state entries) for the parts params, batch_stats and, for a method with a
+  teacher, teacher and teacher_batch_stats; leaves the file does not provide (a head, for a backbone file) stay
+  ShapeDtypeStructs, to be initialised as the config initialises them. The method recognises its own official
+  training checkpoints; anything else is a backbone. Nothing is computed here, so a file of the wrong architecture is
+  refused before any compilation.
   """
+  method = methods.get(config.method)
   student, teacher = networks(config, abstract)
-  center = None
-  if config.method == "dino" and _is_dino_training_checkpoint(obj) and not backbone_only:
-    _load(pth, "'student'", config, interop.import_checkpoint, student, obj, checkpoint_key="student")
-    _load(pth, "'teacher'", config, interop.import_checkpoint, teacher, obj, checkpoint_key="teacher")
-    center = _center(pth, obj, config.model.out_dim)
-    logging.info("%s: student and teacher loaded (backbones and heads)%s", pth,
-                 "" if center is not None else "; no 'dino_loss' centre in the file, the centre starts at zero")
-  elif config.method == "swav" and _has_swav_head(obj) and not backbone_only:
-    _load(pth, "the SwAV network", config, interop.import_checkpoint, student, obj)
-    nnx.update(teacher, nnx.state(student))
-    logging.info("%s: SwAV network loaded (backbone, projection head, prototypes)", pth)
-  else:
-    notes = _load(pth, "the backbone", config, interop.import_checkpoint, student.backbone, obj,
-                  checkpoint_key=checkpoint_key)
+  extra = None if backbone_only else method.load(pth, obj, config, student, teacher)
+  if extra is None:
+    notes = load_into(pth, "the backbone", config, student.backbone, obj, checkpoint_key=checkpoint_key)
     nnx.update(teacher.backbone, nnx.state(student.backbone))
-    logging.info("%s: backbone only, loaded into the student's and the teacher's backbone; the %s head keeps its "
-                 "initialisation (seed %d)%s", pth, config.method, config.seed, "".join(f"; {n}" for n in notes))
-  params, stats = (s.to_pure_dict() for s in nnx.state(student, nnx.Param, nnx.BatchStat))
-  t_params, t_stats = (s.to_pure_dict() for s in nnx.state(teacher, nnx.Param, nnx.BatchStat))
-  return dict(zip(_NETWORK_PARTS, (params, stats, t_params, t_stats))), center
+    extra = {}
+    logging.info("%s: backbone only, loaded into the %s backbone; the %s head keeps its initialisation (seed %d)%s",
+                 pth, "student's and the teacher's" if method.HAS_TEACHER else "network's", config.method,
+                 config.seed, "".join(f"; {n}" for n in notes))
+  else:
+    logging.info("%s: official %s training checkpoint loaded (networks%s)", pth, config.method,
+                 "".join(f", {k}" for k in extra))
+  parts = dict(zip(("params", "batch_stats"), (s.to_pure_dict() for s in nnx.state(student, nnx.Param,
+                                                                                     nnx.BatchStat))))
+  if method.HAS_TEACHER:
+    parts.update(zip(("teacher", "teacher_batch_stats"), (s.to_pure_dict() for s in nnx.state(teacher, nnx.Param,
+                                                                                             nnx.BatchStat))))
+  return parts, extra
 
 
-def assemble_state(init, tx, networks_, center, *, out_shardings=None):
-  """`init()` (make_init_fn's fresh state) with the loaded leaves of `networks_` (from load_networks) and `center`
-  put in, and the optimiser state made for the loaded parameters, under one jit.
+def assemble_state(init, tx, networks_, method_state, *, out_shardings=None):
+  """`init()` (a run's fresh state) with the loaded leaves of `networks_` (from load_networks) and the
+  `method_state` entries put in, and the optimiser state made for the loaded parameters, under one jit.
 
   The random initialisation of the replaced leaves is dead code that XLA drops, which makes this much faster to
   compile than the full init (tens of seconds for a ResNet-50 on a CPU).
@@ -204,20 +173,20 @@ def assemble_state(init, tx, networks_, center, *, out_shardings=None):
   leaves, treedef = jax.tree.flatten(networks_)
   loaded = [None if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
 
-  def build(loaded, center):
+  def build(loaded, method_state):
     fresh = init()
-    fresh_leaves = treedef.flatten_up_to({k: getattr(fresh, k) for k in _NETWORK_PARTS})
+    fresh_leaves = treedef.flatten_up_to({k: getattr(fresh, k) for k in networks_})
     parts = jax.tree.unflatten(treedef, [f if x is None else x for x, f in zip(loaded, fresh_leaves)])
     state = fresh.replace(**parts, opt_state=tx.init(parts["params"]))
-    return state if center is None else state.replace(method_state={**state.method_state, "center": center})
+    return state.replace(method_state={**state.method_state, **method_state})
 
-  return jax.jit(build, out_shardings=out_shardings)(loaded, center)
+  return jax.jit(build, out_shardings=out_shardings)(loaded, method_state)
 
 
 def _fresh_data_iterator(config):
   """The training data iterator at its start, as dino_jax.train builds it (None if the source is unreadable)."""
   try:
-    source = sources.get_source(config.data.source, data_dir=config.data.get("data_dir"))
+    source = sources.get_source(config.data.source, data_dir=config.data.data_dir)
   except (ValueError, OSError, TypeError, AttributeError) as e:
     logging.warning("config.data.source=%r is not readable here (%s): the checkpoint is written without the data "
                     "iterator's position, which dino_jax.train needs to resume from it; evaluation works",
@@ -236,14 +205,10 @@ def import_pth(pth, config, workdir, *, checkpoint_key="teacher", backbone_only=
   if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
     raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a new --workdir")
   obj = interop.load_pth(pth)
-  tx = _optimizer(config)
-  init = make_init_fn(config, tx)
-  abstract = jax.eval_shape(init)
-  loaded, center = load_networks(pth, obj, config, abstract, checkpoint_key=checkpoint_key,
-                                 backbone_only=backbone_only)
-  # Shardings as dino_jax.train lays the state out (the SwAV queue is per device).
-  state_sh = sharding.state_shardings(sharding.make_mesh(), abstract)
-  state = assemble_state(init, tx, loaded, center, out_shardings=state_sh)
+  run = state_lib.build_run(config)   # shardings as dino_jax.train lays the state out (the SwAV queue is per device)
+  loaded, method_state = load_networks(pth, obj, config, run.abstract, checkpoint_key=checkpoint_key,
+                                       backbone_only=backbone_only)
+  state = assemble_state(run.init, run.tx, loaded, method_state, out_shardings=run.shardings)
   data_iter = _fresh_data_iterator(config)
   checkpoints = ckpt_lib.Checkpoints(ckpt_dir, async_save=False)
   try:

@@ -18,7 +18,7 @@ step counter, which is the train state's step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,26 +50,29 @@ def cosine_schedule(step, *, base, final, total_steps, warmup_steps=0, start_war
 
 @dataclasses.dataclass(frozen=True)
 class Schedules:
-  """Every per-iteration schedule of a run, as functions of the global step."""
+  """Every progress-dependent value of a run, as functions of the global step: the lr and the weight decay, the
+  method's own values (`values`, e.g. DINO's teacher momentum and temperature, SwAV's queue start) and the step at
+  which each frozen tensor starts training (`frozen`, {name in a parameter's path: step})."""
   lr: ScheduleFn
   weight_decay: ScheduleFn
-  momentum_teacher: ScheduleFn = lambda step: jnp.float32(0.0)
+  values: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
+  frozen: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
-def make_schedules(config, steps_per_epoch: int) -> Schedules:
-  """Schedules from `config.optim` (lr is scaled linearly with the global batch when `optim.lr_scaling` is set)."""
+def make_schedules(config, steps_per_epoch: int, method=None) -> Schedules:
+  """Schedules from `config.optim` (lr scaled linearly with the global batch when `optim.lr_scaling` is set) and the
+  method's (`method`: a dino_jax.methods.Method; default: the one config.method names)."""
+  if method is None:
+    from dino_jax import methods  # noqa: PLC0415 (methods import this module)
+    method = methods.get(config.method)
   o = config.optim
   total = config.epochs * steps_per_epoch
-  base_lr = o.lr * config.batch_size / 256.0 if o.get("lr_scaling", True) else o.lr
+  base_lr = o.lr * config.batch_size / 256.0 if o.lr_scaling else o.lr
   lr = lambda s: cosine_schedule(s, base=base_lr, final=o.min_lr, total_steps=total,
-                                 warmup_steps=int(o.warmup_epochs * steps_per_epoch),
-                                 start_warmup=o.get("start_warmup", 0.0))
+                                 warmup_steps=int(o.warmup_epochs * steps_per_epoch), start_warmup=o.start_warmup)
   wd = lambda s: cosine_schedule(s, base=o.weight_decay, final=o.weight_decay_end, total_steps=total)
-  mom = config.get("teacher_momentum", None)
-  if mom is None:
-    return Schedules(lr=lr, weight_decay=wd)
-  return Schedules(lr=lr, weight_decay=wd,
-                   momentum_teacher=lambda s: cosine_schedule(s, base=mom, final=1.0, total_steps=total))
+  return Schedules(lr=lr, weight_decay=wd, values=method.schedules(config, steps_per_epoch),
+                   frozen=method.frozen(config, steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -240,18 +243,13 @@ def momentum_optimizer(kind: str, schedules: Schedules, *, momentum=0.9, frozen_
   return optax.GradientTransformation(init, update)
 
 
-def make_freeze_fn(config, steps_per_epoch: int) -> FreezeFn:
-  """DINO's last layer waits `optim.freeze_last_layer` epochs, SwAV's prototypes `optim.freeze_prototypes_niters`
-  iterations (the official code counts the first in epochs, the second in iterations)."""
-  if config.method == "dino":
-    return freeze_by_name(last_layer=int(config.optim.get("freeze_last_layer", 0) * steps_per_epoch))
-  return freeze_by_name(prototypes=int(config.optim.get("freeze_prototypes_niters", 0)))
-
-
-def make_optimizer(config, schedules: Schedules, frozen_until: FreezeFn | None) -> optax.GradientTransformation:
-  """The optimiser named by `config.optim.name` ('adamw', 'sgd', 'lars', 'larc')."""
+def make_optimizer(config, schedules: Schedules) -> optax.GradientTransformation:
+  """The optimiser named by `config.optim.name` ('adamw', 'sgd', 'lars', 'larc'), skipping `schedules.frozen`."""
   o = config.optim
+  frozen_until = freeze_by_name(**schedules.frozen)
   if o.name == "adamw":
-    return adamw(schedules, frozen_until=frozen_until, clip=o.get("clip_grad", 0.0))
-  return momentum_optimizer(o.name, schedules, momentum=o.get("momentum", 0.9), frozen_until=frozen_until,
-                            clip=o.get("clip_grad", 0.0), decay_all=o.get("decay_all", False))
+    return adamw(schedules, frozen_until=frozen_until, clip=o.clip_grad)
+  if o.name not in _RULES:
+    raise ValueError(f"config.optim.name={o.name!r}; expected one of {', '.join(['adamw', *sorted(_RULES)])}")
+  return momentum_optimizer(o.name, schedules, momentum=o.momentum, frozen_until=frozen_until, clip=o.clip_grad,
+                            decay_all=o.decay_all)

@@ -1,7 +1,7 @@
 """Mesh, shardings and multi-host set-up.
 
 One `data` axis over every device of every process: the batch is split along it and the train state is replicated
-(room for an `fsdp` axis later). Cross-device reductions (the DINO centre, Sinkhorn-Knopp, SyncBatchNorm) are plain
+(room for an `fsdp` axis later), except what a method shards (dino_jax.state.state_shardings). Cross-device reductions (the DINO centre, Sinkhorn-Knopp, SyncBatchNorm) are plain
 global-view `jnp.sum`/`jnp.mean` inside `jax.jit`; the compiler inserts the all-reduces.
 """
 from __future__ import annotations
@@ -50,15 +50,6 @@ def replicated(mesh):
 
 def batch_sharding(mesh):
   return NamedSharding(mesh, P(DATA))
-
-
-def state_shardings(mesh, abstract_state):
-  """Everything replicated except the SwAV queue, which is per device (its shard axis is split over `data`)."""
-  rep = replicated(mesh)
-  shardings = jax.tree.map(lambda _: rep, abstract_state)
-  if "queue" in abstract_state.method_state:
-    shardings = shardings.replace(method_state={**shardings.method_state, "queue": NamedSharding(mesh, P(None, DATA))})
-  return shardings
 
 
 def global_batch(local_batch, mesh):

@@ -1,4 +1,4 @@
-r"""Train DINO (or SwAV) from a config file.
+r"""Train a self-supervised method (DINO, SwAV, or one registered in dino_jax.methods) from a config file.
 
   python -m dino_jax.train --config=configs/quickstart.py --workdir=runs/quickstart [--config.key=value ...]
 
@@ -21,9 +21,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from dino_jax import checkpoint as ckpt_lib
-from dino_jax import optim, sharding, steps
+from dino_jax import config_check, sharding, steps
+from dino_jax import state as state_lib
 from dino_jax.data import pipeline, sources
-from dino_jax.state import graphdef_of, make_init_fn
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
@@ -50,55 +50,45 @@ class _Stop:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training, then the k-NN evaluation. Returns the final metrics and evaluation results."""
-  # ============ set-up: processes, mesh, workdir ============
+  # ============ set-up: processes, config check, mesh, workdir ============
   sharding.maybe_initialize_distributed()
+  config_check.validate(config, device_count=jax.device_count())   # before any data is read or anything compiled
   mesh = sharding.make_mesh()
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices")
 
   # ============ input pipeline ============
-  source = sources.get_source(config.data.source, data_dir=config.data.get("data_dir"))
+  source = sources.get_source(config.data.source, data_dir=config.data.data_dir)
   steps_per_epoch = pipeline.steps_per_epoch(source, config, jax.process_count())
   total_steps = config.epochs * steps_per_epoch
-  stop_at = min(total_steps, config.get("max_steps") or total_steps)
+  stop_at = min(total_steps, config.max_steps or total_steps)
   train_ds = pipeline.make_train_dataset(source, config, seed=config.seed, process_index=jax.process_index(),
                                          process_count=jax.process_count())
   data_iter = iter(train_ds)
 
-  # ============ model, optimiser, schedules ============
-  schedules = optim.make_schedules(config, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, steps_per_epoch))
-  graphdef = graphdef_of(config)
-  init = make_init_fn(config, tx)
+  # ============ model, optimiser, schedules, state shapes and shardings ============
+  run = state_lib.build_run(config, steps_per_epoch=steps_per_epoch, mesh=mesh)
 
-  # ============ state: shapes -> shardings -> jitted init (or restore) ============
-  abstract = jax.eval_shape(init)
-  state_sh = sharding.state_shardings(mesh, abstract)
-  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                     every_steps=config.get("checkpoint_every_steps", steps_per_epoch),
-                                     keep=config.get("keep_checkpoints", 2))
-  abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-  state = checkpoints.restore(abstract_sh, data_iterator=data_iter, config=config)
+  # ============ state: restore, or a jitted init straight into its shardings ============
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every_steps,
+                                     keep=config.keep_checkpoints)
+  state = checkpoints.restore(run.abstract, data_iterator=data_iter, config=config)
   if state is None:
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = jax.jit(run.init, out_shardings=run.shardings)()
     start = 0
   else:
     start = int(jax.device_get(state.step))
   if is_main:
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    logging.info("%s: %d parameters, %d steps/epoch, %d epochs, %s", config.model.arch, n_params,
-                 steps_per_epoch, config.epochs, "resumed at step %d" % start if start else "from scratch")
+    logging.info("%s %s: %d parameters, %d steps/epoch, %d epochs, %s", config.method, config.model.arch,
+                 state_lib.count_params(run.abstract.params), steps_per_epoch, config.epochs,
+                 "resumed at step %d" % start if start else "from scratch")
 
   # ============ the update step ============
-  train_step = jax.jit(
-      steps.make_train_step(config, graphdef=graphdef, tx=tx, schedules=schedules, steps_per_epoch=steps_per_epoch),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  train_step = jax.jit(steps.make_train_step(run), in_shardings=(run.shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(run.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   # ============ training loop ============
-  log_every = config.get("log_every_steps", 10)
+  log_every = config.log_every_steps
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   stop = _Stop()
   last = {}
@@ -111,7 +101,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = train_step(state, batch)
       step += 1
       bar.update(1)
-      if config.get("block_each_step", False):  # several fake CPU devices deadlock without it (see tests)
+      if config.block_each_step:  # several fake CPU devices deadlock without it (see tests)
         jax.block_until_ready(state)
       done = step == stop_at or stop.requested
       if step % log_every == 0 or done:
@@ -145,10 +135,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ============ evaluation ============
   results = {"train": last}
-  if config.get("eval") and config.eval.get("test_source"):
+  if config.eval.test_source:
     from dino_jax.evaluate import run as eval_run  # noqa: PLC0415 (keeps training start-up light)
-    results["eval"] = eval_run.evaluate_state(config, state, mesh=mesh, compare_random_init=config.eval.get(
-        "compare_random_init", False))
+    results["eval"] = eval_run.evaluate_state(config, state, mesh=mesh, compare_random_init=config.eval.compare_random_init)
     if is_main:
       with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results["eval"], f, indent=2)
@@ -165,7 +154,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLoss as e:
+  except (NonFiniteLoss, config_check.ConfigError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
 

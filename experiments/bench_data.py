@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+
+from configs import common  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -92,7 +94,7 @@ def main():
   ours = multicrop.MultiCrop(groups, interpolation='bicubic')
   exact = multicrop.MultiCrop(groups, interpolation='bicubic', draft=False)
   official = ref.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 8)
-  aug = photometric.default_config('dino')
+  aug = common.dino_defaults().aug
   photo = jax.jit(lambda batch, key: photometric.augment(batch, key, aug))
 
   jpegs = make_jpegs(args.images, (500, 375))
@@ -160,7 +162,7 @@ def photometry_only(batch_size, rounds=20):
 
   from dino_jax.data import photometric
 
-  aug = photometric.default_config('dino')
+  aug = common.dino_defaults().aug
   fn = jax.jit(lambda batch, key: photometric.augment(batch, key, aug))
   rng = np.random.default_rng(0)
   batch = {'global': jnp.asarray(rng.integers(0, 256, (batch_size, 2, 224, 224, 3), np.uint8)),

@@ -62,24 +62,18 @@ def make_config(a):
 
 
 def time_ours(a, config):
-  from dino_jax import optim, sharding, steps  # noqa: PLC0415
-  from dino_jax.state import graphdef_of, make_init_fn  # noqa: PLC0415
+  from dino_jax import sharding, steps  # noqa: PLC0415
+  from dino_jax import state as state_lib  # noqa: PLC0415
 
-  spe = 1000
-  schedules = optim.make_schedules(config, spe)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, spe))
-  mesh = sharding.make_mesh()
-  init = make_init_fn(config, tx)
-  state_sh = sharding.state_shardings(mesh, jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=state_sh)()
+  run = state_lib.build_run(config, steps_per_epoch=1000)
+  mesh, state_sh = run.mesh, run.shardings
+  state = jax.jit(run.init, out_shardings=state_sh)()
   rng = np.random.default_rng(0)
   batch = {"global": rng.integers(0, 256, (a.batch, 2, a.global_size, a.global_size, 3), dtype=np.uint8)}
   if a.local_number:
     batch["local"] = rng.integers(0, 256, (a.batch, a.local_number, a.local_size, a.local_size, 3), dtype=np.uint8)
   batch = sharding.global_batch(batch, mesh)
-  step = jax.jit(steps.make_train_step(config, graphdef=graphdef_of(config), tx=tx, schedules=schedules,
-                                       steps_per_epoch=spe),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)), donate_argnums=(0,))
+  step = jax.jit(steps.make_train_step(run), in_shardings=(state_sh, sharding.batch_sharding(mesh)), donate_argnums=(0,))
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

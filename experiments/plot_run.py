@@ -84,16 +84,16 @@ def attention_figure(config, state, n_images=6):
 
   from dino_jax.data import sources  # noqa: PLC0415
   from dino_jax.data.multicrop import CenterCrop  # noqa: PLC0415
+  from dino_jax import methods  # noqa: PLC0415
   from dino_jax.evaluate.attention import cls_attention_maps  # noqa: PLC0415
 
   e = config.eval
-  src = sources.get_source(e.test_source or e.train_source, data_dir=config.data.get("data_dir"))
+  src = sources.get_source(e.test_source or e.train_source, data_dir=config.data.data_dir)
   picks = np.linspace(0, len(src) - 1, n_images).astype(int)
-  crop = CenterCrop(e.image_size, e.resize_size, interpolation=config.crops.get("interpolation", "bicubic"))
+  crop = CenterCrop(e.image_size, e.resize_size, interpolation=config.crops.interpolation)
   images = np.stack([crop(src[int(i)])["image"] for i in picks])
-  teacher = jax.device_get(state.teacher)
-  stats = jax.device_get(state.teacher_batch_stats or {})
-  maps = cls_attention_maps(config, teacher["backbone"], stats.get("backbone", {}), images)
+  params, stats = jax.device_get(methods.get(config.method).evaluated(state))
+  maps = cls_attention_maps(config, params["backbone"], (stats or {}).get("backbone", {}), images)
   heads = maps.shape[1]
   fig, axes = plt.subplots(n_images, heads + 1, figsize=(1.4 * (heads + 1), 1.4 * n_images), squeeze=False)
   for r in range(n_images):
@@ -116,12 +116,13 @@ def main(argv=None):
   ap.add_argument("--step", type=int, default=None)
   ap.add_argument("--title", default=None, help="figure title (default: the workdir's name)")
   args = ap.parse_args(argv)
-  from dino_jax.evaluate.run import load_run  # noqa: PLC0415
+  from dino_jax import methods  # noqa: PLC0415
+  from dino_jax.checkpoint import load_run  # noqa: PLC0415
 
   out = args.out or os.path.join(args.workdir, "plot")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   config, state = load_run(args.workdir, args.step)
-  k = config.model.get("out_dim") if config.method == "dino" else config.model.get("nmb_prototypes")
+  k = methods.get(config.method).num_outputs(config)
   written = [plot_curves(args.workdir, out + "_curves.png", k, args.title)]
   if config.model.arch.startswith("vit"):
     written.append(plot_attention(config, state, out + "_attention.png", args.images))

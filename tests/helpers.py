@@ -4,14 +4,19 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def recipe(name, arg="test", **overrides):
-  """configs/<name>.py's get_config(arg) with {'a.b': value} overrides applied (ConfigDict type checks included)."""
-  c = importlib.import_module(f"configs.{name}").get_config(arg)
+  """configs/<name>.py's get_config(arg) (arg 'test': tests/configs/<name>_test.py, its seconds-long variant) with
+  {'a.b': value} overrides applied (ConfigDict type checks included)."""
+  if arg == "test":
+    c = importlib.import_module(f"tests.configs.{name}_test").get_config()
+  else:
+    c = importlib.import_module(f"configs.{name}").get_config(arg)
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -23,7 +28,7 @@ def recipe(name, arg="test", **overrides):
 
 def run_state(workdir):
   """The latest checkpoint's train state of a run, on the host."""
-  from dino_jax.evaluate.run import load_run  # noqa: PLC0415
+  from dino_jax.checkpoint import load_run  # noqa: PLC0415
   return jax.device_get(load_run(workdir)[1])
 
 
@@ -38,24 +43,18 @@ def method_step(config, model, *, steps_per_epoch):
   augmented crop-major groups, exactly as the train step calls it. The one place where the parity tests build our
   side, so that they test the update and not the way it is assembled."""
   import functools  # noqa: PLC0415
-  from dino_jax import losses, optim, steps  # noqa: PLC0415
-  from dino_jax.state import TrainState, split_model  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+  from dino_jax import state as state_lib  # noqa: PLC0415
 
-  graphdef, params, stats = split_model(model)
-  schedules = optim.make_schedules(config, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, steps_per_epoch))
-  if config.method == "dino":
-    method_state = {"center": jnp.zeros([config.model.out_dim], jnp.float32)}
-  else:
-    queue = losses.init_queue(config.loss.queue_length, batch_size=config.batch_size, n_shards=1,
-                              n_assign=len(config.loss.crops_for_assign), dim=config.model.feat_dim)
-    method_state = {} if queue is None else {"queue": queue}
-  state = TrainState(step=jnp.int32(0), params=params, teacher=params, opt_state=tx.init(params), batch_stats=stats,
-                     teacher_batch_stats=stats, method_state=method_state, nonfinite_step=jnp.int32(-1))
-  update = {"dino": steps.dino_update, "swav": steps.swav_update}[config.method]
-  update = jax.jit(functools.partial(update, graphdef=graphdef, tx=tx, schedules=schedules, config=config,
-                                     steps_per_epoch=steps_per_epoch))
+  run = state_lib.build_run(config, steps_per_epoch=steps_per_epoch, mesh=state_lib.sharding.make_mesh(
+      jax.devices()[:1]))
+  graphdef, params, stats = state_lib.split_model(model)
+  fresh = jax.eval_shape(run.init)   # the structure; the weights are the test's
+  teacher = (params, stats) if run.method.HAS_TEACHER else (None, None)
+  state = fresh.replace(step=jnp.int32(0), params=params, batch_stats=stats, opt_state=run.tx.init(params),
+                        teacher=teacher[0], teacher_batch_stats=teacher[1], nonfinite_step=jnp.int32(-1),
+                        method_state=run.method.init_state(config, params, n_shards=1))
+  update = jax.jit(functools.partial(run.method.update, graphdef=graphdef, tx=run.tx, schedules=run.schedules,
+                                     config=config))
   return graphdef, state, update
 
 

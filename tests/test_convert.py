@@ -3,7 +3,7 @@
 Round trips must be bit-identical; exports must load with strict=True into our PyTorch references of the official
 modules; an imported file must give, through dino_jax.evaluate, the features the PyTorch reference computes on the
 same images (fp32, relative error <= 1e-5); a file of another architecture must be refused with the file named.
-Tiny configs (quickstart:test, a width-8 ResNet-50 for SwAV) keep the file fast.
+Tiny configs (tests/configs/quickstart_test.py, a width-8 ResNet-50 for SwAV) keep the file fast.
 """
 import argparse
 import os
@@ -16,14 +16,16 @@ import pytest
 import torch
 from flax import nnx
 
-from configs import common, quickstart
+from configs import common
 from dino_jax import checkpoint as ckpt_lib
 from dino_jax import convert
 from dino_jax.data import pipeline, sources
 from dino_jax.evaluate import features as feats_lib
-from dino_jax.evaluate.run import load_run
+from dino_jax.checkpoint import load_run
 from dino_jax.interop import torch as interop
-from dino_jax.state import backbone_graphdef_of, make_init_fn
+from dino_jax import state as state_lib
+from dino_jax.state import backbone_graphdef_of
+from tests.configs import quickstart_test
 from tests.torch_ref import heads as ref_heads
 from tests.torch_ref.resnet import SwAVResNet50
 from tests.torch_ref.vit import VisionTransformer
@@ -32,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dino_config():
-  return quickstart.get_config("test")  # ViT patch 4, depth 1, width 32, 2 heads, 16 px; head 64 -> 32 -> 64
+  return quickstart_test.get_config()  # ViT patch 4, depth 1, width 32, 2 heads, 16 px; head 64 -> 32 -> 64
 
 
 def swav_config():
@@ -47,7 +49,7 @@ def swav_config():
 
 
 def torch_dino(seed):
-  """Our PyTorch reference of the quickstart:test network (official DINO modules and key names)."""
+  """Our PyTorch reference of the quickstart_test network (official DINO modules and key names)."""
   torch.manual_seed(seed)
   return ref_heads.MultiCropWrapper(VisionTransformer(patch_size=4, embed_dim=32, depth=1, num_heads=2, img_size=16),
                                     ref_heads.DINOHead(32, 64, hidden_dim=64, bottleneck_dim=32))
@@ -68,7 +70,7 @@ def assert_bit_identical(a, b):
 def random_run(config, workdir, step, seed=0):
   """A run directory whose checkpoint at `step` holds random values everywhere (student != teacher, BatchNorm
   statistics and centre non-trivial), written as dino_jax.train writes it."""
-  abstract = jax.eval_shape(make_init_fn(config, convert._optimizer(config)))
+  abstract = jax.eval_shape(state_lib.build_run(config).init)
   rng = np.random.default_rng(seed)
 
   def fill(path, a):
@@ -127,7 +129,7 @@ def test_swav_export_layout_and_round_trip_with_batchnorm(tmp_path):
   _, restored = load_run(str(tmp_path / "back"))
   assert_bit_identical(restored.params, ours.params)
   assert_bit_identical(restored.batch_stats, ours.batch_stats)  # running stats and num_batches_tracked
-  assert_bit_identical(restored.teacher, ours.params)           # SwAV: the teacher is the network itself
+  assert restored.teacher is None and restored.teacher_batch_stats is None   # SwAV has no teacher
 
 
 def test_backbone_exports_and_backbone_only_import(tmp_path):
@@ -145,7 +147,7 @@ def test_backbone_exports_and_backbone_only_import(tmp_path):
   # A bare backbone goes into both networks; the heads keep the config's initialisation.
   convert.import_pth(str(tmp_path / "teacher_backbone.pth"), config, str(tmp_path / "back"))
   _, restored = load_run(str(tmp_path / "back"))
-  init = make_init_fn(config, convert._optimizer(config))
+  init = state_lib.build_run(config).init
   fresh_heads = jax.jit(lambda: (init().params["head"], init().teacher["head"]))()  # what dino_jax.train starts from
   assert_bit_identical(restored.params["backbone"], ours.teacher["backbone"])
   assert_bit_identical(restored.teacher["backbone"], ours.teacher["backbone"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from sklearn.datasets import load_sample_image
 
+from configs import common
 from dino_jax.data import photometric as P
 from tests.torch_ref import augment as ref
 
@@ -123,7 +124,7 @@ def test_normalize_matches_to_tensor_and_normalize(crops):
 def test_random_pipeline_matches_the_official_chain_given_the_same_draws(crops):
   """Jitter in random order (p) -> grayscale (p) -> blur (p) -> solarise (p), as torchvision
   composes them, with our sampled parameters replayed through the PIL calls."""
-  aug = P.default_config('dino')
+  aug = common.dino_defaults().aug
   params = P.sample_params(jax.random.key(3), (len(crops),), jitter=aug.jitter, jitter_p=0.7,
                            gray_p=0.3, blur_p=0.6, blur_sigma=aug.blur_sigma, solarize_p=0.4)
   ours = np.asarray(jax.jit(P.apply)(jnp.asarray(crops), params))
@@ -148,7 +149,7 @@ def test_random_pipeline_matches_the_official_chain_given_the_same_draws(crops):
 
 
 def test_sampled_parameters_follow_the_official_distributions():
-  aug = P.default_config('dino')
+  aug = common.dino_defaults().aug
   n = 20000
   p = jax.tree.map(np.asarray, P.sample_params(
       jax.random.key(0), (n, 2), jitter=aug.jitter, jitter_p=aug.jitter_p, gray_p=aug.gray_p,
@@ -165,7 +166,7 @@ def test_sampled_parameters_follow_the_official_distributions():
   assert 0.1 <= p['sigma'].min() and p['sigma'].max() <= 2.0
   assert abs(p['sigma'].mean() - 1.05) < tol
   # SwAV: one probability for every crop of a group, stronger jitter.
-  swav = P.default_config('swav')
+  swav = common.swav_defaults().aug
   p = jax.tree.map(np.asarray, P.sample_params(
       jax.random.key(1), (n, 2), jitter=swav.jitter, jitter_p=swav.jitter_p, gray_p=swav.gray_p,
       blur_p=swav.blur_p_global, blur_sigma=swav.blur_sigma, solarize_p=swav.solarize_p_global))
@@ -181,7 +182,7 @@ N_DRAWS, GLOBAL_SIZE, LOCAL_SIZE = 400, 32, 16
 
 @functools.cache
 def dino_augment():
-  aug = P.default_config('dino')
+  aug = common.dino_defaults().aug
   return jax.jit(lambda batch, key: P.augment(batch, key, aug))
 
 
@@ -260,7 +261,6 @@ def test_whole_augmentation_statistics_match_data_augmentation_dino():
 def _knob_aug():
   """Photometric settings with every knob away from the DINO and SwAV defaults; the global crops' blur and
   solarisation probabilities are 0 or 1 so that which crop gets which is checked exactly."""
-  from configs import common  # noqa: PLC0415
   aug = common.dino_defaults().aug
   aug.jitter, aug.jitter_p, aug.gray_p = (0.3, 0.5, 0.7, 0.15), 0.6, 0.35
   aug.blur_p_global, aug.blur_p_local, aug.blur_sigma = (1.0, 0.0), 0.5, (0.2, 1.5)

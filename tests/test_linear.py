@@ -103,7 +103,8 @@ def test_linear_probe_end_to_end_and_cli(tmp_path):
   assert all(np.isfinite(h["loss"]) for h in out["history"])
 
   defaults = recipe("dino_vit_small16", None).eval.linear.to_dict()
-  assert {k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items()} == linear.DEFAULTS
+  assert defaults == dict(epochs=100, lr=0.001, batch_size=1024, n_last_blocks=4, avgpool=False, val_freq=1, seed=0,
+                          crop_scale=(0.08, 1.0), flip=True)      # eval_linear.py's defaults (128 per GPU x 8 GPUs)
   assert recipe("dino_vit_base16", None).eval.linear.n_last_blocks == 1                # official ViT-B protocol
   assert recipe("dino_vit_base16", None).eval.linear.avgpool
   with pytest.raises(ValueError, match="config.eval.linear.lrr"):

@@ -32,11 +32,11 @@ TIMEOUT_S = 300
 WORKER = r"""
 import json, sys
 import jax
-from configs import quickstart
+from tests.configs import quickstart_test
 from dino_jax import train
 
 workdir, max_steps, evaluate, result_path = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-c = quickstart.get_config("test")
+c = quickstart_test.get_config()
 c.max_steps = max_steps
 c.block_each_step = True
 c.eval.compare_random_init = False

@@ -157,7 +157,7 @@ def test_ema_and_recipe_schedules_hand_values():
   total = 4 * niter
   for step in (0, 7, 20, total - 1):
     cos = 0.5 * (1 + np.cos(np.pi * step / total))
-    assert float(s.momentum_teacher(step)) == pytest.approx(1.0 - 0.004 * cos, rel=1e-6)
+    assert float(s.values["teacher_momentum"](step)) == pytest.approx(1.0 - 0.004 * cos, rel=1e-6)
     assert float(s.weight_decay(step)) == pytest.approx(0.4 + (0.04 - 0.4) * cos, rel=1e-6)
   peak = 5e-4 * 1024 / 256
   assert [float(s.lr(k)) for k in (0, 9)] == [0.0, pytest.approx(peak, rel=1e-6)]   # warm-up over 10 iterations

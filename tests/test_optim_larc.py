@@ -37,7 +37,7 @@ def test_larc_sgd_matches_apex_larc_around_torch_sgd():
   `freeze_prototypes_niters` iterations, then trained; lr warm-up from `start_warmup` and cosine to `final_lr`."""
   config = _config()
   schedules = optim.make_schedules(config, NITER)
-  tx = optim.make_optimizer(config, schedules, optim.make_freeze_fn(config, NITER))
+  tx = optim.make_optimizer(config, schedules)
   rng = np.random.default_rng(0)
   start = _params(rng)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), start)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from dino_jax import train
 from dino_jax.evaluate.attention import cls_attention_maps
-from dino_jax.evaluate.run import load_run
+from dino_jax.checkpoint import load_run
 from dino_jax.interop import torch as interop
 from dino_jax.state import backbone_graphdef_of
 from tests.helpers import ROOT, recipe

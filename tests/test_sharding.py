@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import json, sys
 import jax
-from configs import quickstart
+from tests.configs import quickstart_test
 from dino_jax import train
-c = quickstart.get_config("test")
+c = quickstart_test.get_config()
 c.max_steps = 3
 c.block_each_step = True
 c.eval.test_source = None
@@ -51,13 +51,10 @@ def test_swav_queue_is_split_over_the_data_axis():
   is replicated."""
   import jax  # noqa: PLC0415
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-  from dino_jax import optim, sharding  # noqa: PLC0415
-  from dino_jax.state import make_init_fn  # noqa: PLC0415
+  from dino_jax import sharding  # noqa: PLC0415
+  from dino_jax import state as state_lib  # noqa: PLC0415
   from tests.helpers import recipe  # noqa: PLC0415
 
-  config = recipe("swav_quickstart")
-  tx = optim.make_optimizer(config, optim.make_schedules(config, 1), None)
-  abstract = jax.eval_shape(make_init_fn(config, tx))
-  shardings = sharding.state_shardings(sharding.make_mesh(), abstract)
+  shardings = state_lib.build_run(recipe("swav_quickstart")).shardings
   assert shardings.method_state["queue"].spec == P(None, sharding.DATA)
   assert all(s.spec == P() for s in jax.tree.leaves(shardings.params))

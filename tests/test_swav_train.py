@@ -1,4 +1,4 @@
-"""SwAV end to end through `dino_jax.train` (configs/swav_quickstart.py:test): metrics, checkpoint with the queue,
+"""SwAV end to end through `dino_jax.train` (tests/configs/swav_quickstart_test.py): metrics, checkpoint with the queue,
 resume, evaluation of the trained network, and the same run over 2 devices (queue and batch sharded)."""
 import json
 import os
@@ -48,7 +48,7 @@ def test_swav_trains_checkpoints_the_queue_resumes_and_evaluates(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_DEFAULT_MATMUL_PRECISION="highest")
   two = str(tmp_path / "two")
-  proc = subprocess.run([sys.executable, "-m", "dino_jax.train", f"--config={ROOT}/configs/swav_quickstart.py:test",
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.train", f"--config={ROOT}/tests/configs/swav_quickstart_test.py",
                          f"--workdir={two}", f"--config.max_steps={STEPS}", "--config.block_each_step=True",
                          "--config.eval.test_source="],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

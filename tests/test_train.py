@@ -15,6 +15,7 @@ from dino_jax.evaluate import run as eval_run
 from tests.helpers import ROOT, recipe, run_metrics, run_state
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+TINY = os.path.join(ROOT, "tests", "configs", "quickstart_test.py")
 
 
 def _config(**overrides):
@@ -49,8 +50,8 @@ def test_resume_mid_epoch_gives_the_same_run(tmp_path):
   train.train_and_evaluate(_config(max_steps=3, **{"eval.test_source": None}), str(resumed))
   a, b = run_state(straight), run_state(resumed)
   assert int(a.step) == int(b.step) == 3
-  for x, y in zip(jax.tree.leaves((a.params, a.teacher, a.opt_state, a.center)),
-                  jax.tree.leaves((b.params, b.teacher, b.opt_state, b.center))):
+  for x, y in zip(jax.tree.leaves((a.params, a.teacher, a.opt_state, a.method_state)),
+                  jax.tree.leaves((b.params, b.teacher, b.opt_state, b.method_state))):
     np.testing.assert_array_equal(x, y)
   losses_a = [m["loss"] for m in run_metrics(straight)]
   losses_b = [m["loss"] for m in run_metrics(resumed)]
@@ -78,7 +79,7 @@ def test_config_overrides_from_the_command_line():
              "--config.crops.local_number=0", "--config.data.source=imagefolder:/data/x")
   assert c.model.out_dim == 4096 and c.optim.lr == 0.002 and c.crops.local_number == 0
   assert c.data.source == "imagefolder:/data/x"
-  assert _parse(f"{QUICKSTART}:test").model.overrides.depth == 1
+  assert _parse(TINY).model.overrides.depth == 1
 
 
 def test_unknown_config_key_fails_naming_it():
@@ -93,9 +94,9 @@ def _run_cli(*args):
 
 
 def test_cli_unknown_key_and_missing_dataset_fail_at_once(tmp_path):
-  r = _run_cli(f"--config={QUICKSTART}:test", f"--workdir={tmp_path}/a", "--config.modle.arch=vit_small")
+  r = _run_cli(f"--config={TINY}", f"--workdir={tmp_path}/a", "--config.modle.arch=vit_small")
   assert r.returncode != 0 and "modle" in r.stderr
   missing = tmp_path / "no_such_dir"
-  r = _run_cli(f"--config={QUICKSTART}:test", f"--workdir={tmp_path}/b", f"--config.data.source=imagefolder:{missing}")
+  r = _run_cli(f"--config={TINY}", f"--workdir={tmp_path}/b", f"--config.data.source=imagefolder:{missing}")
   assert r.returncode != 0 and str(missing) in r.stderr
   assert not os.path.exists(tmp_path / "b" / "checkpoints")   # nothing half-made

@@ -318,7 +318,7 @@ def augment(batch, key, aug):
 
   Per-crop randomness from `key` (fold the step in before calling), drawn by `augment_params`.
   """
-  dtype = jnp.dtype(aug.get('dtype', 'float32'))
+  dtype = jnp.dtype(aug.dtype)
   return {name: normalize(apply(batch[name], params, hue=float(aug.jitter[3]) > 0,
                                 max_sigma=float(aug.blur_sigma[1])), aug.mean, aug.std, dtype)
           for name, params in augment_params(batch, key, aug).items()}
@@ -327,22 +327,3 @@ def augment(batch, key, aug):
 def _probability(p):
   """One probability, or one per crop of the group (a tuple from the config)."""
   return float(p) if np.isscalar(p) else tuple(float(v) for v in p)
-
-
-def default_config(method='dino'):
-  """The official photometric settings: DINO's `DataAugmentationDINO` or SwAV's colour distortion."""
-  import ml_collections
-
-  if method == 'dino':
-    return ml_collections.ConfigDict(dict(
-        jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
-        blur_p_global=(1.0, 0.1), blur_p_local=0.5, blur_sigma=(0.1, 2.0),
-        solarize_p_global=(0.0, 0.2), solarize_p_local=0.0,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype='float32'))
-  if method == 'swav':
-    return ml_collections.ConfigDict(dict(
-        jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
-        blur_p_global=0.5, blur_p_local=0.5, blur_sigma=(0.1, 2.0),
-        solarize_p_global=0.0, solarize_p_local=0.0,
-        mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225), dtype='float32'))
-  raise ValueError(f"method must be 'dino' or 'swav', got {method!r}")

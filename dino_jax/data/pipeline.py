@@ -138,14 +138,12 @@ class _MultiCropStream(grain.MapDataset):
     return '_MultiCropStream'
 
 
-def _read_options(data_config):
+def _read_options(threads=2, prefetch=2):
   # Elements here are whole batches: a large grain buffer would hold gigabytes.
-  return grain.ReadOptions(num_threads=int(data_config.get('threads_per_worker', 2)),
-                           prefetch_buffer_size=int(data_config.get('prefetch_batches', 2)))
+  return grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=int(prefetch))
 
 
-def _prefetch(ds, data_config):
-  workers = int(data_config.get('num_workers', 0))
+def _prefetch(ds, workers):
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
@@ -166,19 +164,20 @@ def make_train_dataset(source, config, *, seed, process_index=0, process_count=1
   data, crops = config.data, config.crops
   transform = multicrop.MultiCrop(
       multicrop.crop_groups(crops),
-      interpolation=crops.get('interpolation', 'bicubic'),
-      flip=crops.get('flip', True),
-      draft=data.get('jpeg_draft', True),
-      exif_transpose=data.get('exif_transpose', False))
+      interpolation=crops.interpolation,
+      flip=crops.flip,
+      draft=data.jpeg_draft,
+      exif_transpose=data.exif_transpose)
   used = steps_per_epoch(source, config) * config.batch_size
   ds = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0))
   ds = _EpochStream(ds, len(source), used)
   ds = _MultiCropStream(ds, transform, seed=_derived_seed(seed, 1),
-                        on_bad_image=data.get('on_bad_image', 'skip'))
+                        on_bad_image=data.on_bad_image)
   ds = _ProcessBlocks(ds, global_batch=config.batch_size, process_index=process_index,
                       process_count=process_count)
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-  return _prefetch(ds.to_iter_dataset(_read_options(data)), data)
+  return _prefetch(ds.to_iter_dataset(_read_options(data.threads_per_worker, data.prefetch_batches)),
+                   int(data.num_workers))
 
 
 class _EvalElement:
@@ -228,5 +227,4 @@ def make_eval_dataset(source, *, image_size, resize_size, batch_size, process_in
   transform = multicrop.CenterCrop(image_size, resize_size, interpolation=interpolation)
   element = _EvalElement(source, transform, batch_size, process_index, process_count, on_bad_image)
   ds = grain.MapDataset.range(slots).map(element).batch(batch_size)
-  options = {'num_workers': num_workers}
-  return _prefetch(ds.to_iter_dataset(_read_options(options)), options)
+  return _prefetch(ds.to_iter_dataset(_read_options()), int(num_workers))

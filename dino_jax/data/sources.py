@@ -213,29 +213,43 @@ class SyntheticSource:
     return f'SyntheticSource(num_images={self.num_images}, image_size={self.image_size}, seed={self.seed})'
 
 
-def get_source(spec: str, *, data_dir: str | None = None):
-  """Returns the source named by `spec` (see the module docstring for the forms)."""
-  kind, sep, rest = spec.partition(':')
+def parse_spec(spec: str):
+  """(kind, argument) of a source spec, checked without reading any data (see the module docstring)."""
+  kind, sep, rest = str(spec).partition(':')
   if not sep or kind not in KINDS:
     raise ValueError(f'unknown data source {spec!r}: the kinds are {", ".join(KINDS)} '
                      "(e.g. 'digits:train', 'imagefolder:/data/imagenet/train', "
                      "'tfds:imagenette/train', 'synthetic:1000x64')")
   if kind == 'digits':
     split, _, size = rest.partition(':')
-    return DigitsSource(split, int(size) if size else 32)
-  if kind == 'imagefolder':
-    if not rest:
-      raise ValueError(f"data source {spec!r}: give a folder, e.g. 'imagefolder:/data/train'")
-    return ImageFolderSource(rest)
-  if kind == 'tfds':
+    if split not in ('train', 'test') or (size and not size.isdigit()):
+      raise ValueError(f"data source {spec!r}: the digits split must be 'train' or 'test' (e.g. 'digits:train', "
+                       "'digits:test:32')")
+  elif kind == 'imagefolder' and not rest:
+    raise ValueError(f"data source {spec!r}: give a folder, e.g. 'imagefolder:/data/train'")
+  elif kind == 'tfds':
     name, slash, split = rest.rpartition('/')
     if not slash or not name or not split:
       raise ValueError(f"data source {spec!r}: expected 'tfds:<name>[:<config>]/<split>'")
+  elif kind == 'synthetic':
+    count, _, size = rest.partition('x')
+    if not count.isdigit() or (size and not size.isdigit()):
+      raise ValueError(f"data source {spec!r}: expected 'synthetic:<N>[x<size>]'")
+  return kind, rest
+
+
+def get_source(spec: str, *, data_dir: str | None = None):
+  """Returns the source named by `spec` (see the module docstring for the forms)."""
+  kind, rest = parse_spec(spec)
+  if kind == 'digits':
+    split, _, size = rest.partition(':')
+    return DigitsSource(split, int(size) if size else 32)
+  if kind == 'imagefolder':
+    return ImageFolderSource(rest)
+  if kind == 'tfds':
+    name, _, split = rest.rpartition('/')
     if '/' not in name:  # our '<name>:<config>' is TFDS's '<name>/<config>'
       name = name.replace(':', '/', 1)
     return TfdsSource(name, split, data_dir=data_dir)
   count, _, size = rest.partition('x')
-  try:
-    return SyntheticSource(int(count), int(size) if size else 64)
-  except ValueError as e:
-    raise ValueError(f"data source {spec!r}: expected 'synthetic:<N>[x<size>]' ({e})") from e
+  return SyntheticSource(int(count), int(size) if size else 64)

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from dino_jax.evaluate import linear
 from dino_jax.evaluate import run as eval_run
-from dino_jax.evaluate.run import load_run
+from dino_jax.checkpoint import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by dino_jax.train.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from dino_jax.evaluate.features import normalize_images
-from dino_jax.state import backbone_graphdef_of, compute_dtype
+from dino_jax.models import compute_dtype
+from dino_jax.state import backbone_graphdef_of
 
 
 def cls_attention_maps(config, backbone_params, backbone_stats, images) -> np.ndarray:
@@ -21,7 +22,7 @@ def cls_attention_maps(config, backbone_params, backbone_stats, images) -> np.nd
   model = nnx.merge(graphdef, backbone_params, backbone_stats)
   if not hasattr(model, "get_last_selfattention"):
     raise ValueError(f"config.model.arch={config.model.arch!r}: attention maps need a ViT backbone")
-  x = normalize_images(images, config.aug.mean, config.aug.std, compute_dtype(config))
+  x = normalize_images(images, config.aug.mean, config.aug.std, compute_dtype(config.model))
   attn = np.asarray(model.get_last_selfattention(x), np.float32)      # [n, heads, 1+N, 1+N]
   p = config.model.patch_size
   h, w = images.shape[1] // p, images.shape[2] // p

@@ -32,12 +32,19 @@ def make_feature_fn(graphdef, mean, std, dtype=jnp.float32):
   return features
 
 
+def data_options(config) -> dict:
+  """The input settings of `config.data` that every evaluation dataset honours (workers, unreadable images)."""
+  return {"num_workers": config.data.num_workers, "on_bad_image": config.data.on_bad_image}
+
+
 def extract_features(feature_fn, params, batch_stats, source, *, image_size, resize_size, batch_size, mesh=None,
-                     progress=None):
-  """(features [N, D] float32 numpy, labels [N] int numpy) for every image of `source`, each exactly once."""
+                     progress=None, num_workers=0, on_bad_image="fail"):
+  """(features [N, D] float32 numpy, labels [N] int numpy) for every readable image of `source`, each exactly once
+  (with on_bad_image='skip', unreadable ones are left out and named in the log)."""
   mesh = mesh or sharding.make_mesh()
   ds = pipeline.make_eval_dataset(source, image_size=image_size, resize_size=resize_size, batch_size=batch_size,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  num_workers=num_workers, on_bad_image=on_bad_image)
   feats, labels = [], []
   it = iter(ds)
   try:

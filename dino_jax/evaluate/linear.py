@@ -32,21 +32,18 @@ from flax import nnx
 from dino_jax import sharding
 from dino_jax.data import pipeline, sources
 from dino_jax.evaluate import features as feats_lib
-from dino_jax.state import backbone_graphdef_of, compute_dtype
-
-DEFAULTS = dict(epochs=100, lr=0.001, batch_size=1024, n_last_blocks=4, avgpool=False, val_freq=1, seed=0,
-                crop_scale=(0.08, 1.0), flip=True)
-
+from dino_jax.models import compute_dtype
+from dino_jax.state import backbone_graphdef_of
 
 def linear_config(config) -> ml_collections.ConfigDict:
-  """config.eval.linear completed with the official eval_linear.py defaults (batch 128 per GPU x 8 GPUs)."""
-  c = ml_collections.ConfigDict(DEFAULTS)
-  given = config.eval.get("linear", None) if "eval" in config else None
-  if given is not None:
-    for key, value in given.items():
-      if key not in DEFAULTS:
-        raise ValueError(f"config.eval.linear.{key}: unknown key (valid: {', '.join(sorted(DEFAULTS))})")
-      c[key] = value
+  """config.eval.linear checked against the official eval_linear.py defaults (configs/common.linear_defaults: batch
+  128 per GPU x 8 GPUs, ...) and completed with those it lacks."""
+  from configs import common  # noqa: PLC0415 (the one source of defaults)
+  c = common.linear_defaults()
+  for key, value in config.eval.linear.items():
+    if key not in c:
+      raise ValueError(f"config.eval.linear.{key}: unknown key (valid: {', '.join(sorted(c))})")
+    c[key] = tuple(value) if isinstance(c[key], tuple) else value
   return c
 
 
@@ -125,15 +122,15 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
   """
   e, lin = config.eval, linear_config(config)
   mesh = mesh or sharding.make_mesh()
-  train_src = sources.get_source(e.train_source, data_dir=config.data.get("data_dir"))
-  test_src = sources.get_source(e.test_source, data_dir=config.data.get("data_dir"))
+  train_src = sources.get_source(e.train_source, data_dir=config.data.data_dir)
+  test_src = sources.get_source(e.test_source, data_dir=config.data.data_dir)
   num_labels = train_src.num_classes
   if not num_labels:
     raise ValueError(f"linear probe: {e.train_source!r} has no class labels (config.eval.train_source must be "
                      "labelled, e.g. an imagefolder with class sub-folders)")
 
   graphdef = backbone_graphdef_of(config)
-  mean, std, dtype = config.aug.mean, config.aug.std, compute_dtype(config)
+  mean, std, dtype = config.aug.mean, config.aug.std, compute_dtype(config.model)
   kw = dict(n_last_blocks=int(lin.n_last_blocks), avgpool=bool(lin.avgpool))
 
   @jax.jit
@@ -143,7 +140,8 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
 
   test_f, test_y = feats_lib.extract_features(features, backbone_params, backbone_stats, test_src,
                                               image_size=e.image_size, resize_size=e.resize_size,
-                                              batch_size=e.batch_size, mesh=mesh, progress=progress)
+                                              batch_size=e.batch_size, mesh=mesh, progress=progress,
+                                              **feats_lib.data_options(config))
   dim = test_f.shape[1]
 
   probe_cfg = _probe_geometry(config, lin, e.image_size)

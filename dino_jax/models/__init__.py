@@ -1,5 +1,6 @@
 """Backbones (ViT-T/S/B, ResNet-50) and heads (DINO, SwAV) with the official architectures."""
 import jax.numpy as jnp
+from flax import nnx
 
 from dino_jax.models.heads import DINOHead, SwAVHead
 from dino_jax.models.resnet import ResNet, resnet50
@@ -23,6 +24,32 @@ def build_backbone(name, *, patch_size=16, drop_path_rate=0.0, dtype=jnp.float32
     return ResNet(dtype=dtype, rngs=rngs, **overrides)
   raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-__all__ = ["BACKBONES", "DINOHead", "MultiCropWrapper", "ResNet", "SwAVHead", "VisionTransformer",
+
+def compute_dtype(model_config):
+  """The compute dtype named by `config.model.dtype` (parameters stay float32)."""
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}")
+  return DTYPES[model_config.dtype]
+
+
+def backbone_from_config(model_config, rngs, *, student: bool):
+  """The backbone `config.model` names; stochastic depth only on the student (official)."""
+  m = model_config
+  return build_backbone(m.arch, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate if student else 0.0,
+                        dtype=compute_dtype(m), rngs=rngs, **dict(m.overrides))
+
+
+def split(module):
+  """(graphdef, params, batch_stats) with params and batch_stats as pure dicts."""
+  graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  return graphdef, params.to_pure_dict(), stats.to_pure_dict()
+
+
+def merge(graphdef, params, batch_stats):
+  return nnx.merge(graphdef, params, batch_stats)
+
+
+__all__ = ["BACKBONES", "DTYPES", "backbone_from_config", "compute_dtype", "merge", "split", "DINOHead", "MultiCropWrapper", "ResNet", "SwAVHead", "VisionTransformer",
            "build_backbone", "resnet50", "vit_base", "vit_small", "vit_tiny"]
