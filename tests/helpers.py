@@ -74,3 +74,14 @@ def assert_drift_matches(where, mine, theirs, start, *, tol, rounding):
       continue
     diff, drift, size = np.max(np.abs(d_ours - d_ref)), np.max(np.abs(d_ref)), max(np.max(np.abs(value)), 1.0)
     assert diff <= tol * drift + rounding * size, (where, key, diff / drift, drift / size)
+
+
+def pipeline_config(batch_size, *, data=None, crops=None, seed=0):
+  """The DINO defaults' `data` and `crops` (configs/common.py, the one source of defaults) with test overrides, for
+  the input-pipeline tests that need no model."""
+  from configs import common  # noqa: PLC0415
+  c = common.dino_defaults()
+  c.batch_size, c.seed = batch_size, seed
+  c.data.update({"source": "unused", "num_workers": 0, **(data or {})})
+  c.crops.update(crops or {})
+  return c

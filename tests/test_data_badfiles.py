@@ -2,7 +2,6 @@
 import io
 import logging
 
-import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 import pytest
@@ -11,6 +10,7 @@ from sklearn.datasets import load_sample_image
 from dino_jax.data import make_eval_dataset, make_train_dataset
 from dino_jax.data.multicrop import BadImageError, CropGroup, MultiCrop, random_resized_crop_box
 from dino_jax.data.sources import get_source
+from tests.helpers import pipeline_config
 from tests.torch_ref import augment as ref
 
 GROUPS = (CropGroup('global', 24, 2, (0.4, 1.0)), CropGroup('local', 12, 2, (0.05, 0.4)))
@@ -127,13 +127,9 @@ def _folder(tmp_path, with_broken=True):
 
 
 def _config(batch_size, on_bad_image, num_workers=0):
-  return ml_collections.ConfigDict({
-      'batch_size': batch_size, 'seed': 0,
-      'data': {'source': 'unused', 'num_workers': num_workers, 'on_bad_image': on_bad_image},
-      'crops': {'global_size': 16, 'global_number': 2, 'global_scale': (0.4, 1.0),
-                'local_size': 8, 'local_number': 2, 'local_scale': (0.05, 0.4),
-                'interpolation': 'bicubic', 'flip': True},
-  })
+  return pipeline_config(batch_size, data={'num_workers': num_workers, 'on_bad_image': on_bad_image},
+                         crops={'global_size': 16, 'global_scale': (0.4, 1.0), 'local_size': 8, 'local_number': 2,
+                                'local_scale': (0.05, 0.4), 'interpolation': 'bicubic', 'flip': True})
 
 
 def test_skip_substitutes_logs_and_counts_bad_files(tmp_path, caplog):

@@ -1,10 +1,10 @@
 """Training and evaluation streams: determinism, epochs, process shards, resume, workers."""
 import numpy as np
-import ml_collections
 import pytest
 
 from dino_jax.data import make_eval_dataset, make_train_dataset, steps_per_epoch
 from dino_jax.data.sources import get_source
+from tests.helpers import pipeline_config
 
 
 class IndexSource:
@@ -26,13 +26,10 @@ class IndexSource:
 
 
 def make_config(batch_size=8, local_number=2, **data):
-  return ml_collections.ConfigDict({
-      'batch_size': batch_size, 'seed': 0,
-      'data': {'source': 'unused', 'num_workers': 0, 'on_bad_image': 'skip', **data},
-      'crops': {'global_size': 8, 'global_number': 2, 'global_scale': (0.4, 1.0),
-                'local_size': 4, 'local_number': local_number, 'local_scale': (0.05, 0.4),
-                'interpolation': 'bicubic', 'flip': True},
-  })
+  return pipeline_config(batch_size, data={'on_bad_image': 'skip', **data},
+                         crops={'global_size': 8, 'global_scale': (0.4, 1.0), 'local_size': 4,
+                                'local_number': local_number, 'local_scale': (0.05, 0.4),
+                                'interpolation': 'bicubic', 'flip': True})
 
 
 def take(ds, n):

@@ -1,7 +1,6 @@
 """TFDS source: a tiny dataset prepared here as array_record (no TensorFlow), read by spec."""
 import io
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -9,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from dino_jax.data import make_train_dataset
 from dino_jax.data.sources import get_source
+from tests.helpers import pipeline_config
 
 
 class DinoTinyImages(tfds.core.GeneratorBasedBuilder):
@@ -65,12 +65,9 @@ def test_missing_tfds_dataset_names_the_dataset_and_directory(tmp_path):
 
 def test_train_pipeline_reads_a_tfds_source(data_dir):
   src = get_source('tfds:dino_tiny_images:large/train', data_dir=data_dir)
-  config = ml_collections.ConfigDict({
-      'batch_size': 10, 'seed': 0,
-      'data': {'source': 'tfds', 'num_workers': 0, 'on_bad_image': 'fail'},
-      'crops': {'global_size': 16, 'global_number': 2, 'global_scale': (0.4, 1.0),
-                'local_size': 8, 'local_number': 3, 'local_scale': (0.05, 0.4),
-                'interpolation': 'bicubic', 'flip': True}})
+  config = pipeline_config(10, data={'source': 'tfds', 'on_bad_image': 'fail'},
+                           crops={'global_size': 16, 'global_scale': (0.4, 1.0), 'local_size': 8, 'local_number': 3,
+                                  'local_scale': (0.05, 0.4), 'interpolation': 'bicubic', 'flip': True})
   it = iter(make_train_dataset(src, config, seed=0))
   labels = []
   for _ in range(3):  # one epoch: 30 images in 3 batches
