@@ -40,9 +40,8 @@ class Projection(nnx.Module):
 
 
 def build_model(config, rngs):
-  backbone = models.backbone_from_config(config.model, rngs, student=True)
-  head = Projection(backbone.embed_dim, config.mean_teacher.dim, dtype=models.compute_dtype(config.model), rngs=rngs)
-  return models.MultiCropWrapper(backbone, head)
+  return models.with_head(config.model, rngs,
+                          lambda dim, dtype: Projection(dim, config.mean_teacher.dim, dtype=dtype, rngs=rngs))
 
 
 def init_state(config, params, *, n_shards):

@@ -31,11 +31,9 @@ def defaults():
 def build_model(config, rngs):
   """Student network: backbone + DINO head (MLP, L2-normalisation, weight-normalised last layer)."""
   m = config.model
-  backbone = models.backbone_from_config(m, rngs, student=True)
-  head = models.DINOHead(backbone.embed_dim, m.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
-                         nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim,
-                         dtype=models.compute_dtype(m), rngs=rngs)
-  return models.MultiCropWrapper(backbone, head)
+  return models.with_head(m, rngs, lambda dim, dtype: models.DINOHead(
+      dim, m.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+      hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim, dtype=dtype, rngs=rngs))
 
 
 def init_state(config, params, *, n_shards):

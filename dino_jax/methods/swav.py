@@ -29,10 +29,8 @@ def defaults():
 def build_model(config, rngs):
   """Backbone + SwAV head (projection, L2-normalised embedding, prototypes)."""
   m = config.model
-  backbone = models.backbone_from_config(m, rngs, student=True)
-  head = models.SwAVHead(backbone.embed_dim, hidden_mlp=m.hidden_mlp, output_dim=m.feat_dim,
-                         nmb_prototypes=m.nmb_prototypes, dtype=models.compute_dtype(m), rngs=rngs)
-  return models.MultiCropWrapper(backbone, head)
+  return models.with_head(m, rngs, lambda dim, dtype: models.SwAVHead(
+      dim, hidden_mlp=m.hidden_mlp, output_dim=m.feat_dim, nmb_prototypes=m.nmb_prototypes, dtype=dtype, rngs=rngs))
 
 
 def init_state(config, params, *, n_shards):

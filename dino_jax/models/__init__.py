@@ -41,6 +41,12 @@ def backbone_from_config(model_config, rngs, *, student: bool):
                         dtype=compute_dtype(m), rngs=rngs, **dict(m.overrides))
 
 
+def with_head(model_config, rngs, head):
+  """MultiCropWrapper(backbone from `config.model`, head(embed_dim, dtype)): a method's trained network."""
+  backbone = backbone_from_config(model_config, rngs, student=True)
+  return MultiCropWrapper(backbone, head(backbone.embed_dim, compute_dtype(model_config)))
+
+
 def split(module):
   """(graphdef, params, batch_stats) with params and batch_stats as pure dicts."""
   graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
@@ -51,5 +57,5 @@ def merge(graphdef, params, batch_stats):
   return nnx.merge(graphdef, params, batch_stats)
 
 
-__all__ = ["BACKBONES", "DTYPES", "backbone_from_config", "compute_dtype", "merge", "split", "DINOHead", "MultiCropWrapper", "ResNet", "SwAVHead", "VisionTransformer",
+__all__ = ["BACKBONES", "DTYPES", "backbone_from_config", "compute_dtype", "merge", "split", "with_head", "DINOHead", "MultiCropWrapper", "ResNet", "SwAVHead", "VisionTransformer",
            "build_backbone", "resnet50", "vit_base", "vit_small", "vit_tiny"]
