@@ -236,13 +236,15 @@ def _plant(tree, m):
   return None
 
 
-def run_mutant(m, *, timeout):
+def run_mutant(m, *, timeout, cache=None):
   with tempfile.TemporaryDirectory(prefix=f"mutant_{m.id}_") as tree:
     _copy_tree(tree)
     stale = _plant(tree, m)
     if stale:
       return {"result": "stale", "detail": stale, "seconds": 0.0}
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1")
+    if cache:   # programs a mutant leaves unchanged compile once for the whole check (the key is the program)
+      env["JAX_COMPILATION_CACHE_DIR"] = cache
     t0 = time.time()
     try:
       proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header",
@@ -271,11 +273,13 @@ def main(argv=None):
       print(f"{m.id}  {m.path:<32} {m.what}  [{' '.join(m.tests)}]")
     return 0
   results = []
+  cache = tempfile.mkdtemp(prefix="mutation_check_jit_cache_")
   for i, m in enumerate(chosen):
-    r = run_mutant(m, timeout=args.timeout)
+    r = run_mutant(m, timeout=args.timeout, cache=cache)
     results.append({"id": m.id, "path": m.path, "what": m.what, "tests": list(m.tests), **r})
     print(f"[{i + 1}/{len(chosen)}] {m.id} {r['result']:<8} {r['seconds']:6.0f} s  {m.what}  -- {r['detail']}",
           flush=True)
+  shutil.rmtree(cache, ignore_errors=True)
   caught = sum(r["result"] == "caught" for r in results)
   summary = f"{caught} of {len(results)} planted bugs caught"
   print(summary)
