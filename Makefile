@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make quickstart   venv + install + train DINO on the embedded digits dataset + k-NN evaluation
 #   make test         venv with the dev requirements + pytest
+# Both install the package itself (`pip install -e .`), so `python -m dino_jax.*` works from any directory.
 # GPU: `make JAX=cuda12 quickstart` (or cuda13) installs jax[cuda12] instead of the CPU jax.
 
 PYTHON ?= python3
@@ -21,10 +22,12 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	@if [ "$(JAX)" != "cpu" ]; then $(PIP) install -q "jax[$(JAX)]>=0.10.2,<0.13"; fi
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
 
 install-dev: $(VENV)/bin/python
 	@if [ "$(JAX)" != "cpu" ]; then $(PIP) install -q "jax[$(JAX)]>=0.10.2,<0.13"; fi
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -e .
 
 quickstart: install
 	$(PY) -m dino_jax.train --config=configs/quickstart.py --workdir=$(WORKDIR)
