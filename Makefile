@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev quickstart test clean
+.PHONY: venv install install-dev quickstart test install-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ quickstart: install
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# CI step: the installed package trains from another directory (one step of a shrunk quickstart, then its k-NN).
+install-check: install
+	cd $$(mktemp -d) && $(abspath $(PY)) -m dino_jax.train --config=$(CURDIR)/configs/quickstart.py --workdir=run \
+	  --config.max_steps=1 --config.model.overrides.depth=1 --config.eval.compare_random_init=False \
+	  && test -s run/metrics.jsonl && test -s run/eval.json && echo "install-check: ok"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

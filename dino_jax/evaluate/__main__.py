@@ -9,7 +9,7 @@ The config is read from the checkpoint (k, T, image sizes, config.eval.linear); 
 --train_source / --test_source (e.g. to evaluate on another labelled dataset). Results go to <workdir>/eval.json and,
 with --linear, <workdir>/eval_linear.json. --retrieval (instead of the k-NN) ranks the --gallery images for each --query
 image (class sub-folders, or any source spec such as digits:test; dino_jax.evaluate.retrieval) and writes
-<workdir>/eval_retrieval.json. Only our messages and the progress bars are printed (--verbosity=1: the libraries' too).
+<workdir>/eval_retrieval.json (eval_retrieval_multiscale.json). Only our messages and the progress bars are printed (--verbosity=1: the libraries' too).
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def main(argv):
   console.quiet_logging()
   config, state = load_run(_WORKDIR.value, _STEP.value)
   if _RETRIEVAL.value:
-    _report(_retrieval(config, state), state, "eval_retrieval.json", retrieval.format_retrieval)
+    name = "eval_retrieval_multiscale.json" if _MULTISCALE.value else "eval_retrieval.json"
+    _report(_retrieval(config, state), state, name, retrieval.format_retrieval)
     return
   if _TRAIN_SOURCE.value:
     config.eval.train_source = _TRAIN_SOURCE.value

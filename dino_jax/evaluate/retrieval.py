@@ -62,8 +62,8 @@ def _rank_chunk(queries, gallery, query_labels, gallery_labels, query_ids, galle
   precision = jnp.cumsum(hits, axis=1) / jnp.arange(1, hits.shape[1] + 1)
   ap = jnp.sum(precision * hits, axis=1) / jnp.maximum(n_rel, 1)
   recall = jnp.stack([jnp.any(hits[:, :k], axis=1) for k in ks], axis=1)
-  prec_k = jnp.stack([jnp.mean(hits[:, :k], axis=1) for k in ks], axis=1)
-  return ap, n_rel, recall, prec_k
+  hits_k = jnp.stack([jnp.sum(hits[:, :k], axis=1) for k in ks], axis=1)     # counts: exact percentages below
+  return ap, n_rel, recall, hits_k
 
 
 def retrieval_metrics(query_features, query_labels, gallery_features, gallery_labels, *, ks=(1, 5, 10),
@@ -80,14 +80,15 @@ def retrieval_metrics(query_features, query_labels, gallery_features, gallery_la
   ks = tuple(k for k in ks if k <= len(gallery_labels))
   parts = [jax.device_get(_rank_chunk(q[i:i + chunk_size], g, ql[i:i + chunk_size], gl, qid[i:i + chunk_size], gid,
                                       ks=ks)) for i in range(0, n, chunk_size)]
-  ap, n_rel, recall, prec = (np.concatenate(x) for x in zip(*parts))
+  ap, n_rel, recall, prec = (np.concatenate(x).astype(np.float64) for x in zip(*parts))
+  n_rel = n_rel.astype(np.int64)
   has = n_rel > 0
   if not has.any():
     raise ValueError("no query has a relevant gallery image (same class): check the class folders")
   out = {"mAP": 100.0 * float(ap[has].mean()), "queries": int(has.sum()), "gallery": int(len(gallery_labels))}
   for j, k in enumerate(ks):
     out[f"recall@{k}"] = 100.0 * float(recall[has, j].mean())
-    out[f"precision@{k}"] = 100.0 * float(prec[has, j].mean())
+    out[f"precision@{k}"] = 100.0 * float(prec[has, j].mean()) / k
   return out
 
 
