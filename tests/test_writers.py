@@ -1,6 +1,9 @@
 """Metric writers and the online k-NN through a real run: TensorBoard event files read back with tensorboard's own
 reader hold what metrics.jsonl holds; the online k-NN is logged at the configured epochs and equals the k-NN of the
 checkpoint saved at that step, recomputed independently."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -13,7 +16,14 @@ from dino_jax.evaluate import online_knn
 from dino_jax.checkpoint import load_run
 from dino_jax.models import compute_dtype
 from dino_jax.state import backbone_graphdef_of
-from tests.helpers import recipe, run_metrics
+from tests.helpers import ROOT, recipe, run_metrics
+
+
+def _plot_module():
+  spec = importlib.util.spec_from_file_location("plot_run", os.path.join(ROOT, "experiments", "plot_run.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _events(workdir):
@@ -25,6 +35,7 @@ def _events(workdir):
 def test_run_logs_to_tensorboard_and_online_knn_at_each_epoch(tmp_path):
   # 32 synthetic images at batch 16: 2 steps per epoch, online k-NN after steps 2 and 4 on digit subsets.
   c = recipe("quickstart", **{"data.source": "synthetic:32x32", "eval.every_epochs": 1, "checkpoint_every_steps": 2,
+                               "eval.train_source": "digits:test",
                                "eval.compare_random_init": False,
                                "eval.online_train_samples": 64, "eval.online_test_samples": 40})
   out = train.train_and_evaluate(c, str(tmp_path))
@@ -44,9 +55,14 @@ def test_run_logs_to_tensorboard_and_online_knn_at_each_epoch(tmp_path):
   np.testing.assert_allclose(final[0].value, out["eval"]["teacher"]["k=5"]["top1"], rtol=1e-6)
   assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")          # written once, at step 0
 
+  # experiments/plot_run.py draws those values as "k-NN over training".
+  panels = {ax.get_title(): ax for ax in _plot_module().curves_figure(str(tmp_path)).axes}
+  np.testing.assert_array_equal(panels["k-NN over training"].lines[0].get_xydata(),
+                                [[r["step"], r["knn/k5/top1"]] for r in knn_rows])
+
   # Independently: the k-NN of the teacher in the checkpoint of step 2, on the same subsets.
   config, state = load_run(str(tmp_path), step=2)
-  train_src = online_knn.subsample(sources.get_source("digits:train"), 64, config.seed)
+  train_src = online_knn.subsample(sources.get_source("digits:test"), 64, config.seed)
   test_src = online_knn.subsample(sources.get_source("digits:test"), 40, config.seed + 1)
   assert len(train_src) == 64 and len(test_src) == 40 and len(set(train_src.indices)) == 64
   fn = feats_lib.make_feature_fn(backbone_graphdef_of(config), config.aug.mean, config.aug.std,
