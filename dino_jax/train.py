@@ -158,6 +158,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results["eval"], f, indent=2)
       print(eval_run.format_results(results["eval"]))
+      from dino_jax import visualize_attention  # noqa: PLC0415
+      writer.write_images(step, visualize_attention.writer_images(config, state))
     writer.write_scalars(step, writers.eval_scalars(results["eval"]), jsonl=False)
   writer.close()
   return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class WandbWriter:
     if os.path.exists(id_path):
       run_id = open(id_path).read().strip()
     else:
-      run_id = wandb.util.generate_id()
+      run_id = secrets.token_hex(8)
       with open(id_path, "w") as f:
         f.write(run_id)
     self.run = wandb.init(project=project, entity=entity, id=run_id, resume="allow", dir=workdir,

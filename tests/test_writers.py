@@ -54,6 +54,9 @@ def test_run_logs_to_tensorboard_and_online_knn_at_each_epoch(tmp_path):
   assert [e.step for e in final] == [4]
   np.testing.assert_allclose(final[0].value, out["eval"]["teacher"]["k=5"]["top1"], rtol=1e-6)
   assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")          # written once, at step 0
+  assert acc.Tags()["images"] == ["attention"]
+  picture = acc.Images("attention")[0]
+  assert picture.step == 4 and (picture.height, picture.width) == (4 * 16, 3 * 16)   # 4 images x (image + 2 heads)
 
   # experiments/plot_run.py draws those values as "k-NN over training".
   panels = {ax.get_title(): ax for ax in _plot_module().curves_figure(str(tmp_path)).axes}
@@ -89,3 +92,22 @@ def test_writers_without_tensorboard_and_wandb_error(tmp_path):
   except ImportError:
     with pytest.raises(ImportError, match="pip install wandb"):
       writers.create(recipe("quickstart", **{"log.wandb_project": "x"}), str(tmp_path))
+
+
+def test_wandb_offline_run_is_resumed_by_its_workdir(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  c = recipe("quickstart", **{"log.tensorboard": False, "log.wandb_project": "dino_jax_test"})
+  for step in (1, 2):                       # a run, then its resumption from the same workdir
+    w = writers.create(c, str(tmp_path))
+    w.write_hparams(writers.flat_config(c))
+    w.write_scalars(step, {"loss": 1.0 / step})
+    w.write_images(step, {"attention": np.full((8, 8, 3), 200, np.uint8)})
+    w.close()
+  run_id = (tmp_path / "wandb_id").read_text()
+  runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+  assert len(runs) == 2 and all(name.endswith("-" + run_id) for name in runs)   # both under the one W&B run id
+  images = sorted((tmp_path / "wandb").glob("offline-run-*/files/media/images/attention_*.png"))
+  assert len(images) == 2
+  assert run_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
