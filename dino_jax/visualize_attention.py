@@ -144,7 +144,6 @@ def writer_images(config, state, n_images=4) -> dict:
   if not config.model.arch.startswith("vit") or not (config.eval.test_source or config.eval.train_source):
     return {}
   import matplotlib  # noqa: PLC0415
-  import jax  # noqa: PLC0415
   from dino_jax.data import sources  # noqa: PLC0415
   from dino_jax.data.multicrop import CenterCrop  # noqa: PLC0415
   from dino_jax.evaluate import run as eval_run  # noqa: PLC0415
@@ -153,7 +152,7 @@ def writer_images(config, state, n_images=4) -> dict:
   src = sources.get_source(e.test_source or e.train_source, data_dir=config.data.data_dir)
   crop = CenterCrop(e.image_size, e.resize_size, interpolation=config.crops.interpolation)
   images = np.stack([crop(src[int(i)])["image"] for i in np.linspace(0, len(src) - 1, n_images).astype(int)])
-  params, stats = eval_run.backbones(config, jax.device_get(state), compare_random_init=False)["teacher"]
+  params, stats = eval_run.backbones(config, state, compare_random_init=False)["teacher"]   # on the host
   maps = cls_attention_maps(config, params, stats, images)                   # [n, heads, h, w]
   maps = maps / np.maximum(maps.max(axis=(2, 3), keepdims=True), 1e-12)
   coloured = (matplotlib.colormaps["inferno"](upsample(maps, config.model.patch_size))[..., :3] * 255).astype(np.uint8)
