@@ -11,14 +11,22 @@ import logging
 import jax
 
 
+def check(profile_steps):
+  """None, or the problem with config.profile_steps (config_check.validate lists it)."""
+  steps = tuple(profile_steps or ())
+  if steps and (len(steps) != 2 or not all(isinstance(x, int) for x in steps) or not 1 <= steps[0] <= steps[1]):
+    return (f"config.profile_steps={steps!r}: give (first, last) steps with 1 <= first <= last, "
+            "e.g. --config.profile_steps='(10,15)' (empty: no profile)")
+  return None
+
+
 class StepProfiler:
   """`before(step)` ahead of the update that makes `step`, `after(step, state)` once it is issued."""
 
   def __init__(self, profile_steps, workdir, *, is_main=True):
     steps = tuple(profile_steps or ())
-    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
-      raise ValueError(f"config.profile_steps={steps!r}: give (first, last) steps with 1 <= first <= last, "
-                       "e.g. --config.profile_steps='(10,15)'")
+    if check(steps):
+      raise ValueError(check(steps))
     self.first, self.last = steps if steps and is_main else (None, None)
     self.workdir, self.active = workdir, False
 

@@ -35,3 +35,14 @@ def test_trace_of_the_chosen_steps(tmp_path):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   with pytest.raises(ValueError, match="profile_steps"):
     profiling.StepProfiler((5, 2), str(tmp_path))
+
+
+def test_config_check_refuses_bad_tool_settings():
+  from dino_jax import config_check  # noqa: PLC0415
+  from tests.helpers import recipe  # noqa: PLC0415
+  c = recipe("quickstart", profile_steps=(4,), **{"eval.every_epochs": -1, "eval.online_test_samples": -5})
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(c)
+  for key in ("config.profile_steps=(4,)", "config.eval.every_epochs=-1", "config.eval.online_test_samples=-5"):
+    assert key in str(e.value), key
+  config_check.validate(recipe("quickstart", profile_steps=(2, 3)))
