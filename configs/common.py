@@ -17,6 +17,12 @@ def dino_defaults():
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.block_each_step = False     # True only for several fake CPU devices (they deadlock on 2 cores otherwise)
+  c.profile_steps = ()          # (a, b): a jax.profiler trace of steps a..b into <workdir>/plugins/profile
+
+  c.log = ml_collections.ConfigDict()   # metrics.jsonl always (dino_jax/writers.py)
+  c.log.tensorboard = True              # event files in the workdir: tensorboard --logdir <workdir>
+  c.log.wandb_project = ml_collections.config_dict.placeholder(str)   # set: also log to W&B (pip install wandb)
+  c.log.wandb_entity = ml_collections.config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "vit_small"
@@ -98,6 +104,9 @@ def dino_defaults():
   c.eval.knn_k = (10, 20, 100, 200)
   c.eval.knn_temperature = 0.07
   c.eval.compare_random_init = False
+  c.eval.every_epochs = 0           # >0: k-NN during training on subsets (evaluate/online_knn.py); 0: at the end only
+  c.eval.online_train_samples = 10000   # at most this many train / test images for it (0: all)
+  c.eval.online_test_samples = 2000
   c.eval.linear = linear_defaults()
   return c
 
@@ -237,6 +246,8 @@ def digits_quickstart(c, *, photometry: bool):
   c.eval.batch_size = 256
   c.eval.knn_k = (10, 20)
   c.eval.compare_random_init = True
+  c.eval.every_epochs = 5            # online k-NN (seconds here): 'k-NN over training' in the plots
+  c.eval.online_train_samples = 1000
   c.eval.linear.batch_size = 128     # python -m dino_jax.evaluate --linear: 11 steps per epoch, 100 epochs
   c.eval.linear.lr = 0.3             # the official 0.001 barely moves the classifier in 1,100 steps (measured: 19%)
   c.eval.linear.crop_scale = (0.5, 1.0)   # the training crops' scale; 0.08 leaves little of a digit

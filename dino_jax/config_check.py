@@ -77,7 +77,7 @@ def _source(key, spec, required):
 
 def validate(config, *, device_count=None):
   """Raise ConfigError listing every problem of `config` (before any data is read or anything is compiled)."""
-  from dino_jax import methods, models  # noqa: PLC0415
+  from dino_jax import methods, models, profiling  # noqa: PLC0415
   c, o, cr = config, config.optim, config.crops
   found = problems(
       at_least("batch_size", c.batch_size, 1, "512 (global: 64 per GPU x 8 GPUs)", integer=True),
@@ -109,6 +109,10 @@ def validate(config, *, device_count=None):
       _source("data.source", c.data.source, required=True),
       _source("eval.train_source", c.eval.train_source, required=bool(c.eval.test_source)),
       _source("eval.test_source", c.eval.test_source, required=False),
+      at_least("eval.every_epochs", c.eval.get("every_epochs", 0), 0, "5 (0: k-NN at the end only)", integer=True),
+      at_least("eval.online_train_samples", c.eval.get("online_train_samples", 0), 0, "10000 (0: all)", integer=True),
+      at_least("eval.online_test_samples", c.eval.get("online_test_samples", 0), 0, "2000 (0: all)", integer=True),
+      profiling.check(c.get("profile_steps", ())),
   )
   if c.model.arch.startswith("vit") and _number(c.model.patch_size):
     p = c.model.patch_size

@@ -241,8 +241,8 @@ def _define_flags():
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-file messages
+  from dino_jax import console  # noqa: PLC0415
+  console.quiet_logging()  # orbax's per-file messages only with --verbosity=1
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required")

@@ -2,8 +2,9 @@ r"""Train a self-supervised method (DINO, SwAV, or one registered in dino_jax.me
 
   python -m dino_jax.train --config=configs/quickstart.py --workdir=runs/quickstart [--config.key=value ...]
 
-The run resumes automatically from the latest checkpoint in --workdir. Metrics go to <workdir>/metrics.jsonl, the
-k-NN evaluation at the end to <workdir>/eval.json.
+The run resumes automatically from the latest checkpoint in --workdir. Metrics go to <workdir>/metrics.jsonl and to
+TensorBoard event files in the workdir (and W&B with --config.log.wandb_project=NAME; dino_jax/writers.py), the online
+k-NN every config.eval.every_epochs with them, the k-NN evaluation at the end to <workdir>/eval.json.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from dino_jax import checkpoint as ckpt_lib
-from dino_jax import config_check, sharding, steps
+from dino_jax import config_check, console, profiling, sharding, steps, writers
 from dino_jax import state as state_lib
 from dino_jax.data import pipeline, sources
+from dino_jax.evaluate import online_knn
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
@@ -89,7 +91,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ============ training loop ============
   log_every = config.log_every_steps
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = writers.create(config, workdir, is_main=is_main)
+  if start == 0:
+    writer.write_hparams(writers.flat_config(config))
+  online = online_knn.OnlineKnn(config, steps_per_epoch, mesh)
+  profiler = profiling.StepProfiler(config.profile_steps, workdir, is_main=is_main)
   stop = _Stop()
   last = {}
   bar = tqdm(total=stop_at, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
@@ -98,8 +104,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     while step < stop_at:
       batch = sharding.global_batch(next(data_iter), mesh)
+      profiler.before(step + 1)
       state, metrics = train_step(state, batch)
       step += 1
+      profiler.after(step, state)
       bar.update(1)
       if config.block_each_step:  # several fake CPU devices deadlock without it (see tests)
         jax.block_until_ready(state)
@@ -113,24 +121,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last = {"step": step, "epoch": step / steps_per_epoch, "img_per_sec": rate,
                 **{k: float(v) for k, v in metrics.items()}}
         if is_main:
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
+          writer.write_scalars(step, {k: v for k, v in last.items() if k != "step"})
           bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{rate:.0f}")
         if bad >= 0:
           raise NonFiniteLoss(
               f"loss is not finite at step {bad} (epoch {bad // steps_per_epoch}); the state was frozen at its last "
               f"finite value and the run stops. Last metrics: {last}. Lower the lr, raise the teacher temperature "
               f"warm-up, or set model.dtype=float32.")
+      if online.due(step) and not stop.requested:
+        scalars = online(state)
+        writer.write_scalars(step, {"epoch": step / steps_per_epoch, **scalars})
+        bar.write(online_knn.describe(step / steps_per_epoch, scalars))
       checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)
       if stop.requested:
         break
+  except BaseException:
+    writer.close()
+    raise
   finally:
+    profiler.stop(state)
     bar.close()
     checkpoints.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
   if stop.requested and step < stop_at:
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)
+    writer.close()
     return {"train": last, "stopped_at": step}
 
   # ============ evaluation ============
@@ -142,14 +158,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results["eval"], f, indent=2)
       print(eval_run.format_results(results["eval"]))
+      from dino_jax import visualize_attention  # noqa: PLC0415
+      writer.write_images(step, visualize_attention.writer_images(config, state))
+    writer.write_scalars(step, writers.eval_scalars(results["eval"]), jsonl=False)
+  writer.close()
   return results
 
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  # orbax and grain log every save and read at INFO through absl's logger; keep the console to our messages.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  console.quiet_logging()
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   try:

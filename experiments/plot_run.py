@@ -2,8 +2,9 @@ r"""Pictures of a run: training curves from metrics.jsonl and the teacher's last
 
   python experiments/plot_run.py --workdir=runs/quickstart [--out=experiments/results/quickstart] [--images=6]
 
-Writes <out>_curves.png (loss, learning rate, teacher entropy against ln K, KL(teacher || student), centre norm; with
-the k-NN results of eval.json in the title) and, for ViT runs, <out>_attention.png: for a few test images, the
+Writes <out>_curves.png (loss, learning rate, teacher entropy against ln K, KL(teacher || student), centre norm, the
+online k-NN top-1 of each k as "k-NN over training" when config.eval.every_epochs logged it; with the k-NN results of
+eval.json in the title) and, for ViT runs, <out>_attention.png: for a few test images, the
 [CLS] token's attention over the patches in each head of the teacher's last block (what the DINO paper shows).
 """
 from __future__ import annotations
@@ -21,7 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 CURVES = (("loss", "loss"), ("lr", "learning rate"), ("teacher_entropy", "teacher entropy (nats)"),
           ("kl_teacher_student", "KL(teacher || student)"), ("center_norm", "centre norm"),
-          ("assign_entropy", "code entropy per image (nats)"), ("cluster_entropy", "cluster entropy (nats)"))
+          ("assign_entropy", "code entropy per image (nats)"), ("cluster_entropy", "cluster entropy (nats)"),
+          ("knn", "k-NN over training"))
+KNN_CURVES = "knn"   # one line per 'knn/k<k>/top1' key (dino_jax/evaluate/online_knn.py), in one panel
+
+
+def _knn_keys(rows):
+  return sorted({k for r in rows for k in r if k.startswith("knn/") and k.endswith("/top1")},
+                key=lambda k: int(k.split("/")[1][1:]))
 
 
 def read_metrics(workdir):
@@ -51,11 +59,19 @@ def curves_figure(workdir, num_classes_out=None, title=None):
   """One panel per metric of CURVES that the run logged, against the step; k-NN results in the title."""
   plt = _pyplot()
   rows = read_metrics(workdir)
-  keys = [(k, label) for k, label in CURVES if any(k in r for r in rows)]
+  knn_keys = _knn_keys(rows)
+  keys = [(k, label) for k, label in CURVES if any(k in r for r in rows) or (k == KNN_CURVES and knn_keys)]
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
   for ax, (key, label) in zip(axes[0], keys):
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    ax.plot(*zip(*pts), lw=1.2)
+    if key == KNN_CURVES:
+      for k in knn_keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), lw=1.2, marker="o", ms=2.5, label=k.split("/")[1].replace("k", "k = "))
+      ax.set_ylabel("top-1 (%)", fontsize=8)
+      ax.legend(fontsize=7)
+    else:
+      pts = [(r["step"], r[key]) for r in rows if key in r]
+      ax.plot(*zip(*pts), lw=1.2)
     if key in ("teacher_entropy", "cluster_entropy") and num_classes_out:
       ax.axhline(math.log(num_classes_out), color="grey", ls="--", lw=0.8, label=f"ln K = {math.log(num_classes_out):.2f}")
       ax.legend(fontsize=7)

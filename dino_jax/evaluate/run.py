@@ -22,22 +22,28 @@ def progress(desc):
   return lambda it: tqdm(it, desc=desc, leave=False, disable=jax.process_index() != 0)
 
 
-def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="") -> dict:
-  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source."""
+def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="", sources_=None, feature_fn=None, ks=None,
+             show_progress=True) -> dict:
+  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source (or on the
+  (train, test) `sources_` with a prebuilt `feature_fn` and `ks`, as the online k-NN calls it)."""
   e = config.eval
-  graphdef = backbone_graphdef_of(config)
-  feature_fn = feats_lib.make_feature_fn(graphdef, config.aug.mean, config.aug.std, compute_dtype(config.model))
+  if feature_fn is None:
+    graphdef = backbone_graphdef_of(config)
+    feature_fn = feats_lib.make_feature_fn(graphdef, config.aug.mean, config.aug.std, compute_dtype(config.model))
   kw = dict(image_size=e.image_size, resize_size=e.resize_size, batch_size=e.batch_size, mesh=mesh,
             **feats_lib.data_options(config))
-  train_src = sources.get_source(e.train_source, data_dir=config.data.data_dir)
-  test_src = sources.get_source(e.test_source, data_dir=config.data.data_dir)
+  if sources_ is None:
+    sources_ = (sources.get_source(e.train_source, data_dir=config.data.data_dir),
+                sources.get_source(e.test_source, data_dir=config.data.data_dir))
+  train_src, test_src = sources_
+  bar = (lambda split: progress(f"features {desc} {split}")) if show_progress else (lambda split: None)
   train_f, train_y = feats_lib.extract_features(feature_fn, backbone_params, backbone_stats, train_src,
-                                                progress=progress(f"features {desc} train"), **kw)
+                                                progress=bar("train"), **kw)
   test_f, test_y = feats_lib.extract_features(feature_fn, backbone_params, backbone_stats, test_src,
-                                              progress=progress(f"features {desc} test"), **kw)
+                                              progress=bar("test"), **kw)
   num_classes = train_src.num_classes or int(max(train_y.max(), test_y.max()) + 1)
   out = {}
-  for k in e.knn_k:
+  for k in (e.knn_k if ks is None else ks):
     top1, top5 = knn_lib.knn_classifier(train_f, train_y, test_f, test_y, k=k, temperature=e.knn_temperature,
                                         num_classes=num_classes)
     out[f"k={k}"] = {"top1": top1, "top5": top5}

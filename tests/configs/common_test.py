@@ -12,4 +12,5 @@ def tiny(c):
   c.model.overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 16}
   c.crops.local_number = 2
   c.eval.knn_k = (5,)
+  c.eval.every_epochs = 1            # online k-NN at each epoch end (the max_steps runs stop before)
   return c
