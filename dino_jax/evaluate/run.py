@@ -12,7 +12,7 @@ from dino_jax import methods
 from dino_jax.data import sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate import knn as knn_lib
-from dino_jax.evaluate import linear
+from dino_jax.evaluate import linear, pixels
 from dino_jax.models import compute_dtype
 from dino_jax.state import backbone_graphdef_of, build_model, split_model
 
@@ -22,11 +22,13 @@ def progress(desc):
   return lambda it: tqdm(it, desc=desc, leave=False, disable=jax.process_index() != 0)
 
 
-def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="") -> dict:
-  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source."""
+def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="", feature_fn=None) -> dict:
+  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source, of the
+  config's backbone (or of `feature_fn(params, stats, images)`, e.g. the raw pixels of evaluate.pixels)."""
   e = config.eval
-  graphdef = backbone_graphdef_of(config)
-  feature_fn = feats_lib.make_feature_fn(graphdef, config.aug.mean, config.aug.std, compute_dtype(config.model))
+  if feature_fn is None:
+    feature_fn = feats_lib.make_feature_fn(backbone_graphdef_of(config), config.aug.mean, config.aug.std,
+                                           compute_dtype(config.model))
   kw = dict(image_size=e.image_size, resize_size=e.resize_size, batch_size=e.batch_size, mesh=mesh,
             **feats_lib.data_options(config))
   train_src = sources.get_source(e.train_source, data_dir=config.data.data_dir)
@@ -56,10 +58,12 @@ def backbones(config, state, compare_random_init):
 
 
 def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
-  """k-NN of the trained network (and optionally of the same architecture at random initialisation) + the method's
-  own checks."""
+  """k-NN of the trained network (and, with compare_random_init, of the same architecture at random initialisation
+  and of the raw pixels: the two baselines its features must beat) + the method's own checks."""
   results = {name: knn_eval(config, params, stats, mesh=mesh, desc=name.replace("_", " "))
              for name, (params, stats) in backbones(config, state, compare_random_init).items()}
+  if compare_random_init:
+    results["pixels"] = pixels.pixel_knn(config, mesh=mesh)
   results.update(methods.get(config.method).eval_metrics(config, state, mesh))
   return results
 
@@ -88,7 +92,7 @@ def format_linear(results: dict) -> str:
 
 def format_results(results: dict) -> str:
   """A small table: one row per model, one column per k."""
-  models = [m for m in ("teacher", "random_init") if m in results]
+  models = [m for m in ("teacher", "random_init", "pixels") if m in results]
   ks = list(results[models[0]].keys())
   head = f"{'k-NN top-1 (%)':<16}" + "".join(f"{k:>10}" for k in ks)
   lines = [head, "-" * len(head)]
