@@ -111,9 +111,10 @@ def apply_overrides(config, overrides: dict):
 
 
 def status(workdir: str) -> str:
-  """'done' (the launcher saw it finish, or its final evaluation is written), 'started' (a checkpoint to resume
-  from) or 'new'."""
-  if os.path.exists(os.path.join(workdir, DONE)) or os.path.exists(os.path.join(workdir, "eval.json")):
+  """'done' (the launcher saw its process exit with status 0), 'started' (a checkpoint to resume from) or 'new'.
+  A run trained outside the sweep has no done.json: the sweep runs it again, which resumes at its last step and only
+  evaluates it."""
+  if os.path.exists(os.path.join(workdir, DONE)):
     return "done"
   ckpt = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):

@@ -27,14 +27,15 @@ class Run:
   cwd: str
   env: dict = dataclasses.field(default_factory=dict)
 
-  def execute(self, extra_env: dict | None = None) -> int:
-    """Runs the command to its end, its output in <workdir>/log.txt; writes done.json on success. The exit status."""
+  def execute(self, extra_env: dict | None = None, task: int = 0) -> int:
+    """Runs the command to its end, its output appended to <workdir>/log.txt (log.<task>.txt for the other processes
+    of a multi-process run); task 0 writes done.json on success. The exit status."""
     os.makedirs(self.workdir, exist_ok=True)
     env = {**os.environ, **self.env, **(extra_env or {})}
     t0 = time.time()
-    with open(os.path.join(self.workdir, "log.txt"), "a") as log:
+    with open(os.path.join(self.workdir, f"log.{task}.txt" if task else "log.txt"), "a") as log:
       rc = subprocess.call(self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if rc == 0:
+    if rc == 0 and task == 0:
       with open(os.path.join(self.workdir, grid.DONE), "w") as f:
         json.dump({"returncode": rc, "wall_s": time.time() - t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
     return rc
@@ -114,7 +115,7 @@ class SlurmJob:
     job = submitit.JobEnvironment()
     if job.num_tasks > 1:                  # one process per task; jax.distributed.initialize() reads SLURM's variables
       env["DINO_JAX_DISTRIBUTED"] = "1"
-    rc = self.run.execute(env)
+    rc = self.run.execute(env, task=job.global_rank)
     if rc:
       raise RuntimeError(f"{self.run.workdir}: exit status {rc}, see its log.txt")
     return rc
