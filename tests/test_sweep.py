@@ -14,6 +14,7 @@ from dino_jax.sweep.__main__ import plan
 from tests.helpers import ROOT, recipe
 
 TINY = os.path.join(ROOT, "tests", "configs", "quickstart_test.py")
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
 
 def test_grid_and_sweep_expand_to_named_runs():
@@ -35,10 +36,12 @@ def test_grid_and_sweep_expand_to_named_runs():
     grid.expand(module, None, ["seed=0"])                  # the grid's seed overrides sweep()'s: two identical runs
   with pytest.raises(ValueError, match="key=v1"):
     grid.parse_grid(["seed"])
-  config = grid.apply_overrides(recipe("quickstart"), {"optim.lr": 1e-3, "crops.local_scale": [0.1, 0.3]})
-  assert config.optim.lr == 1e-3 and config.crops.local_scale == (0.1, 0.3)
-  with pytest.raises(KeyError, match="optim.lrr"):
-    grid.apply_overrides(recipe("quickstart"), {"optim.lrr": 1.0})
+  config = grid.resolve(QUICKSTART, {"optim.lr": 1e-3, "crops.local_scale": (0.1, 0.3), "model.arch": "vit_small"})
+  assert config.optim.lr == 1e-3 and config.crops.local_scale == (0.1, 0.3) and config.model.arch == "vit_small"
+  assert grid.resolve(QUICKSTART, {"model.overrides.depth": 4}).model.overrides.depth == 4
+  for bad in ({"optim.lrr": 1.0}, {"optim.lr": "fast"}, {"crops": 3}):   # what train would refuse
+    with pytest.raises(KeyError):
+      grid.resolve(QUICKSTART, bad)
 
 
 def test_recipe_sweeps_and_their_saved_configs(tmp_path):

@@ -55,7 +55,7 @@ def plan(config_arg: str, sweep_dir: str, grid_specs: list[str], python: str = s
   runs = []
   for overrides in grid.expand(module, arg, grid_specs):
     workdir = os.path.join(sweep_dir, grid.run_name(overrides))
-    config = grid.apply_overrides(module.get_config(arg), overrides)   # fails here on an unknown key or a bad type
+    config = grid.resolve(config_arg, overrides)     # fails here on an unknown key or a bad type
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "overrides.json"), "w") as f:
       json.dump(overrides, f, indent=1)

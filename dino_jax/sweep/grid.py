@@ -97,17 +97,19 @@ def cli_overrides(overrides: dict) -> list[str]:
   return [f"--config.{k}={tuple(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
 
 
-def apply_overrides(config, overrides: dict):
-  """The config a run trains with (ConfigDict's type checks apply, as on the command line)."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"override {key!r}: the config has no such key")
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  return config
+def resolve(config_arg: str, overrides: dict):
+  """The config `python -m dino_jax.train --config=<config_arg> <cli_overrides(overrides)>` trains with, parsed by the
+  same config_flags code (so a key the command line cannot set fails here, before anything is launched)."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+  argv = ["sweep", f"--config={config_arg}", *cli_overrides(overrides)]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+  try:
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raise KeyError(f"overrides {overrides}: {e}") from e
+  return holder.value
 
 
 def status(workdir: str) -> str:
