@@ -4,6 +4,7 @@ a finished run is skipped, and the same config and seed give bit-identical metri
 import json
 import os
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -129,3 +130,19 @@ def test_half_finished_sweep_resumes_and_runs_are_bit_identical(tmp_path):
   assert "resumed at step 1" in open(os.path.join(b.workdir, "log.txt")).read()
   assert [m["step"] for m in _run_metrics(b.workdir)] == [1, 2, 3]
   assert _run_metrics(a.workdir) == _run_metrics(b.workdir)            # every logged value, as float64 JSON
+
+
+def test_gpu_launcher_gives_each_process_one_device_and_queues_the_rest(tmp_path):
+  """Five runs on two 'GPUs': each process sees exactly one device id, never two at once on the same id."""
+  script = ("import json, os, sys, time; t = time.time(); time.sleep(0.3); "
+            "json.dump({'dev': os.environ['CUDA_VISIBLE_DEVICES'], 't0': t, 't1': time.time()}, "
+            "open(sys.argv[1], 'w'))")
+  runs = [launch.Run(str(tmp_path / f"r{i}"), [sys.executable, "-c", script, str(tmp_path / f"r{i}.json")],
+                     str(tmp_path)) for i in range(5)]
+  out = launch.gpus(runs, devices=["3", "5"], log=lambda *_: None, poll_s=0.05)
+  assert out == {r.workdir: 0 for r in runs} and all(grid.status(r.workdir) == "done" for r in runs)
+  seen = [json.load(open(tmp_path / f"r{i}.json")) for i in range(5)]
+  assert {s["dev"] for s in seen} == {"3", "5"}
+  for dev in ("3", "5"):
+    spans = sorted((s["t0"], s["t1"]) for s in seen if s["dev"] == dev)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans      # one process per device at a time
