@@ -45,3 +45,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/quickstart.py: takes no argument, got {arg!r} (the test suite's tiny variant is "
                      "tests/configs/quickstart_test.py)")
   return c
+
+
+def sweep():
+  """python -m dino_jax.sweep --config=configs/quickstart.py: the recipe over 5 seeds (README.md shows the table)."""
+  return [{"seed": s} for s in range(5)]

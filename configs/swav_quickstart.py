@@ -53,3 +53,9 @@ def get_config(arg=None):
     raise ValueError(f"configs/swav_quickstart.py: takes no argument, got {arg!r} (the test suite's tiny variant is "
                      "tests/configs/swav_quickstart_test.py)")
   return c
+
+
+def sweep():
+  """python -m dino_jax.sweep --config=configs/swav_quickstart.py: the recipe over 3 seeds (README.md shows the
+  table)."""
+  return [{"seed": s} for s in range(3)]

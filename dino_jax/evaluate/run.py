@@ -12,7 +12,7 @@ from dino_jax import methods
 from dino_jax.data import sources
 from dino_jax.evaluate import features as feats_lib
 from dino_jax.evaluate import knn as knn_lib
-from dino_jax.evaluate import linear
+from dino_jax.evaluate import linear, pixels
 from dino_jax.models import compute_dtype
 from dino_jax.state import backbone_graphdef_of, build_model, split_model
 
@@ -24,8 +24,9 @@ def progress(desc):
 
 def knn_eval(config, backbone_params, backbone_stats, *, mesh=None, desc="", sources_=None, feature_fn=None, ks=None,
              show_progress=True) -> dict:
-  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source (or on the
-  (train, test) `sources_` with a prebuilt `feature_fn` and `ks`, as the online k-NN calls it)."""
+  """{'k=20': {'top1': .., 'top5': ..}, ...} for config.eval.knn_k on config.eval.{train,test}_source, of the
+  config's backbone; or on the (train, test) `sources_` with `ks`, as the online k-NN calls it; `feature_fn(params,
+  stats, images)` replaces the backbone (a prebuilt one, or the raw pixels of evaluate.pixels)."""
   e = config.eval
   if feature_fn is None:
     graphdef = backbone_graphdef_of(config)
@@ -62,10 +63,12 @@ def backbones(config, state, compare_random_init):
 
 
 def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
-  """k-NN of the trained network (and optionally of the same architecture at random initialisation) + the method's
-  own checks."""
+  """k-NN of the trained network (and, with compare_random_init, of the same architecture at random initialisation
+  and of the raw pixels: the two baselines its features must beat) + the method's own checks."""
   results = {name: knn_eval(config, params, stats, mesh=mesh, desc=name.replace("_", " "))
              for name, (params, stats) in backbones(config, state, compare_random_init).items()}
+  if compare_random_init:
+    results["pixels"] = pixels.pixel_knn(config, mesh=mesh)
   results.update(methods.get(config.method).eval_metrics(config, state, mesh))
   return results
 
@@ -94,7 +97,7 @@ def format_linear(results: dict) -> str:
 
 def format_results(results: dict) -> str:
   """A small table: one row per model, one column per k."""
-  models = [m for m in ("teacher", "random_init") if m in results]
+  models = [m for m in ("teacher", "random_init", "pixels") if m in results]
   ks = list(results[models[0]].keys())
   head = f"{'k-NN top-1 (%)':<16}" + "".join(f"{k:>10}" for k in ks)
   lines = [head, "-" * len(head)]
