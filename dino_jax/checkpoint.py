@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import time
 
 import grain
@@ -65,18 +66,30 @@ class SaveError(RuntimeError):
   """A checkpoint could not be written; the message gives the operating system's reason (e.g. ENOSPC)."""
 
 
-def _os_cause(error):
-  """The first OSError in `error`'s chain of causes and contexts (orbax wraps it in asyncio and its own errors)."""
-  seen = set()
-  stack = [error]
+def _chain(error):
+  """`error` and every exception in its chain of causes and contexts (orbax wraps errors in asyncio and its own)."""
+  seen, stack, out = set(), [error], []
   while stack:
     e = stack.pop()
     if e is None or id(e) in seen:
       continue
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno is not None:
-      return e
+    out.append(e)
     stack.extend([e.__cause__, e.__context__] + list(getattr(e, "exceptions", ())))
+  return out
+
+
+def _os_cause(error):
+  """(errno, file name or None) of the operating-system error behind `error`, or None: an OSError in its chain, or
+  TensorStore's "[os_error_code='28']" in a message (tensorstore raises ValueError, not OSError)."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno is not None:
+      return e.errno, e.filename
+  for e in _chain(error):
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      name = re.search(r'(?:local file|Failed writing:) "([^"]+)"', str(e))
+      return int(code.group(1)), name.group(1) if name else None
   return None
 
 
@@ -89,13 +102,13 @@ def save_error(directory, step, error) -> SaveError:
   """A SaveError for a failed save of `step`: the OS reason when one is in the chain, what to do, what is kept."""
   cause = _os_cause(error)
   if cause is not None:
-    name = errno.errorcode.get(cause.errno, str(cause.errno))
-    reason = f"{cause.strerror or cause} ({name}{', ' + cause.filename if cause.filename else ''})"
+    code, filename = cause
+    reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)}{', ' + filename if filename else ''})"
     hint = {errno.ENOSPC: "free space on that disk (or use a --workdir on a larger one)",
             errno.EDQUOT: "free space within your disk quota",
             errno.EROFS: "the file system is mounted read-only: use another --workdir",
             errno.EACCES: "the directory is not writable by this user: fix its permissions or use another --workdir"
-            }.get(cause.errno, "fix the directory")
+            }.get(code, "fix the directory")
   else:
     reason, hint = _one_line(error), "fix the cause"
   return SaveError(f"could not write the checkpoint of step {step} in {directory}: {reason}. The run stops; the "

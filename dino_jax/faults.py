@@ -56,6 +56,27 @@ def nonfinite_error(config, state, steps_per_epoch, last) -> NonFiniteLoss | Non
       f"instead.)")
 
 
+class _OrbaxWriteErrors(logging.Filter):
+  """Drops orbax's own error logs (with their tracebacks, one per writer thread) of a write the OS refused: the
+  SaveError that follows says it once, with the reason."""
+
+  _OS_REFUSALS = ("os_error_code", "No space left on device", "Read-only file system", "Permission denied",
+                  "Disk quota exceeded")
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+      return True
+    text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+    return not any(r in text for r in self._OS_REFUSALS)
+
+
+def quiet_orbax_write_errors():
+  """For the command line: one paragraph for a failed save, not orbax's page of tracebacks (absl's logger)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
+    logger.addFilter(_OrbaxWriteErrors())
+
+
 # ============ unreadable images ============
 
 class BadFiles:

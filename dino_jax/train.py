@@ -154,6 +154,7 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   # orbax and grain log every save and read at INFO through absl's logger; keep the console to our messages.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  faults.quiet_orbax_write_errors()   # a full disk: our one paragraph, not a page of orbax tracebacks
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   try:
