@@ -64,17 +64,46 @@ class _OrbaxWriteErrors(logging.Filter):
                   "Disk quota exceeded")
 
   def filter(self, record):
-    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+    if record.levelno < logging.ERROR or (f"{os.sep}orbax{os.sep}" not in (record.pathname or "") and
+                                          record.name != "asyncio"):
       return True
     text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
     return not any(r in text for r in self._OS_REFUSALS)
 
 
+def _closed_loop(exc_type, value):
+  return exc_type is RuntimeError and str(value) == "Event loop is closed"
+
+
 def quiet_orbax_write_errors():
-  """For the command line: one paragraph for a failed save, not orbax's page of tracebacks (absl's logger)."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
-    logger.addFilter(_OrbaxWriteErrors())
+  """For the command line: one paragraph for a failed save, not orbax's page of tracebacks.
+
+  Three sources: orbax's error logs through absl's logger, one per writer thread; asyncio's log of the tasks that
+  failed the same way, at exit; and, once the failed save's event
+  loop is closed, TensorStore's completion callbacks of the other pending writes, each printing 'RuntimeError: Event
+  loop is closed' through sys.excepthook (nothing else raises that error in a training run).
+  """
+  for name in ("absl", "asyncio"):   # asyncio: 'Task exception was never retrieved' for the other writes, at exit
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxWriteErrors())
+  previous = sys.excepthook
+  if getattr(previous, "_dino_jax", False):
+    return
+
+  def excepthook(exc_type, value, tb):
+    if not _closed_loop(exc_type, value):
+      previous(exc_type, value, tb)
+
+  excepthook._dino_jax = True
+  sys.excepthook = excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def unraisablehook(info):
+    if not _closed_loop(info.exc_type, info.exc_value):
+      previous_unraisable(info)
+
+  sys.unraisablehook = unraisablehook
 
 
 # ============ unreadable images ============
