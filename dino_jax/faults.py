@@ -249,8 +249,10 @@ class PeerMonitor:
 
   def fail(self, error):
     """Called with an exception from the main thread: ends the process if it looks like a lost peer."""
+    if isinstance(error, ckpt_lib.SaveError) and error.__cause__ is not None:
+      error = error.__cause__      # a save that failed on the dead peer (orbax synchronises the processes)
     if self.active and _looks_like_lost_peer(error):
-      self._die(f"a collective failed ({_short(error)})")
+      self._die(f"a collective failed, most likely on a dead peer ({_short(error)})")
 
   def _die(self, what):
     latest = _latest_step(self.checkpoint_dir)
