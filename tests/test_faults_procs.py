@@ -130,3 +130,50 @@ def test_a_killed_peer_ends_the_survivor_with_a_message_in_bounded_time(tmp_path
   # The last checkpoint it names is whole: it restores.
   step = int(message[0].split("checkpoint, step ")[1].split()[0])
   assert int(run_state(workdir).step) == step >= 4
+
+
+MONITOR_ONLY = r"""
+import sys, time
+import ml_collections
+from dino_jax import faults
+c = ml_collections.ConfigDict({"multihost": {"heartbeat_timeout_s": int(sys.argv[1]), "init_timeout_s": 60,
+                                             "step_timeout_s": 600}})
+faults.initialize_distributed(c)
+monitor = faults.PeerMonitor(c, sys.argv[2]).start()
+print("started", flush=True)
+for step in range(1, 10_000):   # a training loop that keeps making progress
+  monitor.progress(step)
+  time.sleep(0.05)
+"""
+
+
+def test_a_frozen_peer_is_detected_by_the_heartbeat(tmp_path):
+  """A peer that stops answering without closing its sockets (SIGSTOP: a hung node; on GPUs NCCL would wait for
+  ever): the survivor's monitor ends it before jax.distributed's own heartbeat abort, naming the silent process."""
+  port = _free_port()
+  logs = [open(tmp_path / f"m{i}.log", "w") for i in range(2)]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  procs = [subprocess.Popen([sys.executable, "-c", MONITOR_ONLY, str(HEARTBEAT_S), str(tmp_path / "ckpt")], cwd=ROOT,
+                            env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_NUM_PROCESSES="2",
+                                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(i)),
+                            stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    for i in range(2):
+      assert _wait_for(lambda: "started" in open(tmp_path / f"m{i}.log").read(), procs[i], timeout=120, poll=0.05)
+    time.sleep(2 * 1.0 + 0.5)   # both have seen each other's counters move
+    procs[1].send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    rc = procs[0].wait(timeout=60)
+    took = time.monotonic() - frozen
+  finally:
+    for proc, log in zip(procs, logs):
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+      proc.wait()
+      log.close()
+  out = open(tmp_path / "m0.log").read()
+  assert rc == 1, out[-3000:]
+  assert "ERROR: process 0 of 2: process 1 stopped answering" in out and "no checkpoint had been written" in out
+  assert "Check failure" not in out
+  assert HEARTBEAT_S / 2 - 0.5 <= took <= BOUND_S + 3, (took, out[-2000:])
