@@ -164,3 +164,18 @@ def test_attention_map_images_honour_on_bad_image(tmp_path):
   np.testing.assert_array_equal(image, crop(src[index + 1])["image"])
   with pytest.raises(multicrop.BadImageError, match="cannot decode image"):
     plot_run._readable(src, index, crop, "fail")
+
+
+def test_nonfinite_skip_end_to_end_counts_then_stops(tmp_path):
+  """An lr of 1e30 blows the weights up after the first update: every later step is skipped and counted, and the
+  third in a row stops the run with the message naming the policy."""
+  config = recipe("quickstart", max_steps=12, **{"loss.on_nonfinite": "skip", "loss.max_consecutive_nonfinite": 3,
+                                                  "optim.lr": 1e30, "eval.test_source": None})
+  with pytest.raises(train.NonFiniteLoss, match=r"3 consecutive steps had a non-finite loss or update \(the last at "
+                                                r"step \d+.*skipped 3 steps in all"):
+    train.train_and_evaluate(config, str(tmp_path))
+  lines = run_metrics(tmp_path)
+  skipped = [m["skipped_steps"] for m in lines]
+  assert skipped == sorted(skipped) and skipped[-1] == 3 and skipped[0] <= 1
+  for before, m in zip([{"skipped_steps": 0}] + lines, lines):   # a step is counted exactly when its loss is not finite
+    assert (m["skipped_steps"] - before["skipped_steps"] == 1) == (not np.isfinite(m["loss"])), lines
