@@ -24,6 +24,14 @@ def dino_defaults():
   c.log.wandb_project = ml_collections.config_dict.placeholder(str)   # set: also log to W&B (pip install wandb)
   c.log.wandb_entity = ml_collections.config_dict.placeholder(str)
 
+  # Multi-process runs: a dead peer (killed, out of memory, lost node) ends every survivor with a message and exit
+  # code 1 within about heartbeat_timeout_s + 10 s, or within step_timeout_s of the last finished step when a
+  # collective hangs (NCCL can wait for ever). Rerunning the same command resumes from the last checkpoint.
+  c.multihost = ml_collections.ConfigDict()
+  c.multihost.heartbeat_timeout_s = 60   # jax.distributed heartbeat: a peer silent this long is declared dead
+  c.multihost.init_timeout_s = 300       # every process must join jax.distributed.initialize within this
+  c.multihost.step_timeout_s = 600       # watchdog: no step finished for this long (compilation excepted) -> stop
+
   c.model = ml_collections.ConfigDict()
   c.model.arch = "vit_small"
   c.model.patch_size = 16
@@ -47,6 +55,7 @@ def dino_defaults():
   c.loss.center_momentum = 0.9
   c.loss.centering = "center"   # or 'sinkhorn' (DINOv2)
   c.loss.sinkhorn_iters = 3
+  nonfinite_policy(c.loss)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"        # 'adamw' (ViT), 'sgd' or 'lars' (ResNet)
@@ -143,6 +152,7 @@ def swav_defaults():
   c.loss.crops_for_assign = (0, 1)
   c.loss.queue_length = 0       # 0: no queue; trimmed to a multiple of the global batch, split over the devices
   c.loss.epoch_queue_starts = 15
+  nonfinite_policy(c.loss)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "larc"         # apex LARC (trust 0.001, clip False) around SGD
@@ -179,6 +189,15 @@ def swav_defaults():
   c.aug.std = SWAV_STD
   c.aug.dtype = "float32"
   return c
+
+
+def nonfinite_policy(loss):
+  """What a non-finite loss does: 'stop' freezes the state at its last finite value and ends the run (with the step
+  named); 'skip' drops that step's update (parameters, optimiser and method state unchanged), counts it in the
+  metrics ('skipped_steps') and stops only at `max_consecutive_nonfinite` skipped steps in a row."""
+  loss.on_nonfinite = "stop"
+  loss.max_consecutive_nonfinite = 10
+  return loss
 
 
 def linear_defaults():

@@ -1,15 +1,22 @@
 """Orbax checkpoints of a run: train state + grain iterator position + the config, resumed from the workdir.
 
 A checkpoint is written atomically (orbax commits a finished temporary directory), so a run killed mid-save resumes
-from the previous one. Resuming restores the data iterator too: a run resumed mid-epoch sees exactly the batches it
+from the previous one. A checkpoint that is complete but cannot be read (a truncated or damaged file) is moved aside
+to `<step>.corrupt-<time>` (never deleted) with a warning naming it and the error, and the next newest one is tried
+(`Checkpoints.restore`). A save that cannot be written (disk full, read-only directory) raises `SaveError` with the
+operating system's reason; the earlier checkpoints stay as they were. Resuming restores the data iterator too: a run resumed mid-epoch sees exactly the batches it
 would have seen. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
 the differing keys named, since the parameters would not fit.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
+import time
 
 import grain
 import jax
@@ -47,11 +54,75 @@ def config_differences(saved: dict, current: dict, sections=_ARCH_KEYS):
   return diffs
 
 
+class _ArchitectureMismatch(ValueError):
+  pass
+
+
+class RestoreError(RuntimeError):
+  """No checkpoint of the workdir could be read; the message lists each one tried and its error."""
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written; the message gives the operating system's reason (e.g. ENOSPC)."""
+
+
+def _chain(error):
+  """`error` and every exception in its chain of causes and contexts (orbax wraps errors in asyncio and its own)."""
+  seen, stack, out = set(), [error], []
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    out.append(e)
+    stack.extend([e.__cause__, e.__context__] + list(getattr(e, "exceptions", ())))
+  return out
+
+
+def _os_cause(error):
+  """(errno, file name or None) of the operating-system error behind `error`, or None: an OSError in its chain, or
+  TensorStore's "[os_error_code='28']" in a message (tensorstore raises ValueError, not OSError)."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno is not None:
+      return e.errno, e.filename
+  for e in _chain(error):
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      name = re.search(r'(?:local file|Failed writing:) "([^"]+)"', str(e))
+      return int(code.group(1)), name.group(1) if name else None
+  return None
+
+
+def _one_line(error, limit=300):
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def save_error(directory, step, error) -> SaveError:
+  """A SaveError for a failed save of `step`: the OS reason when one is in the chain, what to do, what is kept."""
+  cause = _os_cause(error)
+  if cause is not None:
+    code, filename = cause
+    reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)}{', ' + filename if filename else ''})"
+    hint = {errno.ENOSPC: "free space on that disk (or use a --workdir on a larger one)",
+            errno.EDQUOT: "free space within your disk quota",
+            errno.EROFS: "the file system is mounted read-only: use another --workdir",
+            errno.EACCES: "the directory is not writable by this user: fix its permissions or use another --workdir"
+            }.get(code, "fix the directory")
+  else:
+    reason, hint = _one_line(error), "fix the cause"
+  return SaveError(f"could not write the checkpoint of step {step} in {directory}: {reason}. The run stops; the "
+                   f"checkpoints written before it are intact. {hint[0].upper() + hint[1:]}, then rerun the same "
+                   f"command to resume from the latest one.")
+
+
 class Checkpoints:
   """Thin wrapper over `ocp.CheckpointManager` with the items 'state', 'data' (grain iterator) and 'config'."""
 
   def __init__(self, directory, *, every_steps: int = 1000, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.every_steps = max(int(every_steps), 1)
+    self._pending = None
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -68,16 +139,50 @@ class Checkpoints:
   def restore(self, abstract_state, *, data_iterator=None, config=None, step=None):
     """Restore the latest (or given) step into the shapes/shardings of `abstract_state`; None if there is none.
 
-    `data_iterator` (a grain DatasetIterator) is moved in place to the saved position.
+    `data_iterator` (a grain DatasetIterator) is moved in place to the saved position. Without `step`, a checkpoint
+    that fails to read is moved aside (`move_aside`) with a warning and the next newest is tried; RestoreError if
+    none reads. A checkpoint written by another model is refused (ValueError) and never moved.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
+    if step is not None:
+      return self._restore_step(step, abstract_state, data_iterator, config)
+    tried = []
+    for candidate in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore_step(candidate, abstract_state, data_iterator, config)
+      except _ArchitectureMismatch as e:
+        raise ValueError(str(e)) from None
+      except Exception as e:  # noqa: BLE001 (orbax, tensorstore and grain raise many kinds; each is reported)
+        moved = self.move_aside(candidate)
+        tried.append(f"{self.directory}/{candidate}: {_one_line(e)}" + (f" (moved to {moved})" if moved else ""))
+        logging.warning("checkpoint %s/%d cannot be read (%s); %s and trying the previous one", self.directory,
+                        candidate, _one_line(e), f"moved it to {moved}" if moved else "leaving it in place")
+    if tried:
+      raise RestoreError("no checkpoint of this run can be read; tried, newest first:\n  " + "\n  ".join(tried) +
+                         "\nThe unreadable ones were moved aside, not deleted. Rerunning the same command starts "
+                         "from scratch; to keep them, move them back or use another --workdir.")
+    return None
+
+  def move_aside(self, step):
+    """Renames checkpoint `step` to `<step>.corrupt-<UTC time>` (outside orbax's step names: never listed, restored
+    or deleted by it) and returns the new path; only process 0 renames (the directory is shared)."""
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0 and os.path.isdir(src):
+      try:
+        os.rename(src, dst)
+      except OSError as e:
+        logging.warning("could not move %s aside: %s", src, e)
+        return None
+    self.manager.reload()
+    return dst
+
+  def _restore_step(self, step, abstract_state, data_iterator, config):
     if config is not None:
       diffs = config_differences(self.saved_config(step), config_to_dict(config))
       if diffs:
-        raise ValueError(f"checkpoint {self.directory}/{step} was written by a different model; refusing to "
-                         f"resume:\n  " + "\n  ".join(diffs) + "\nUse another --workdir or the same config.")
+        raise _ArchitectureMismatch(
+            f"checkpoint {self.directory}/{step} was written by a different model; refusing to resume:\n  " +
+            "\n  ".join(diffs) + "\nUse another --workdir or the same config.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       data_file = os.path.join(self.directory, str(step), "data",
@@ -93,19 +198,61 @@ class Checkpoints:
     return restored.state
 
   def save(self, step: int, state, *, data_iterator=None, config=None, force: bool = False) -> bool:
+    """Starts an asynchronous save of `step` when it is a multiple of `every_steps` or `force` (the last step, a
+    stop request). Only those: orbax alone would also save the first step it sees, which the up-front
+    `check_writable` makes unnecessary. SaveError if this or the previous save could not be written."""
+    if not (force or step % self.every_steps == 0):
+      return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config_to_dict(config))
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    with self._saving(step):
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    self._pending = int(step)
+    return saved
+
+  @contextlib.contextmanager
+  def _saving(self, step):
+    """Turns any error of orbax's save machinery (raised now, or by the previous asynchronous save) into SaveError."""
+    try:
+      yield
+    except SaveError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      failed = self._pending if self._pending is not None else step
+      raise save_error(self.directory, failed, e) from e
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._saving(self._pending):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 (a failed save was already reported by wait())
+        logging.debug("closing the checkpoint manager", exc_info=True)
+
+
+def check_writable(directory):
+  """Raise SaveError at once if `directory` (created if missing) cannot hold a file: before training, not at the
+  first checkpoint."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".write_test.{os.getpid()}")
+    with open(probe, "wb") as f:
+      f.write(b"0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    raise SaveError(f"the workdir {directory} is not writable: {e.strerror or e} ({name}). Nothing was trained. "
+                    f"Use another --workdir, or fix its permissions or free space.") from None
 
 
 def complete_config(saved: dict) -> ml_collections.ConfigDict:

@@ -75,6 +75,21 @@ def _source(key, spec, required):
   return None
 
 
+def _fault_keys(c):
+  """The keys of dino_jax.faults: the non-finite policy and the multi-process timeouts."""
+  found = []
+  if "on_nonfinite" in c.loss:
+    found += problems(one_of("loss.on_nonfinite", c.loss.on_nonfinite, ("stop", "skip")),
+                      at_least("loss.max_consecutive_nonfinite", c.loss.max_consecutive_nonfinite, 1, "10",
+                               integer=True))
+  if "multihost" in c:
+    m = c.multihost
+    found += problems(at_least("multihost.heartbeat_timeout_s", m.heartbeat_timeout_s, 2, "60", integer=True),
+                      at_least("multihost.init_timeout_s", m.init_timeout_s, 1, "300", integer=True),
+                      positive("multihost.step_timeout_s", m.step_timeout_s, "600"))
+  return found
+
+
 def validate(config, *, device_count=None):
   """Raise ConfigError listing every problem of `config` (before any data is read or anything is compiled)."""
   from dino_jax import methods, models, profiling  # noqa: PLC0415
@@ -114,6 +129,7 @@ def validate(config, *, device_count=None):
       at_least("eval.online_test_samples", c.eval.get("online_test_samples", 0), 0, "2000 (0: all)", integer=True),
       profiling.check(c.get("profile_steps", ())),
   )
+  found.extend(_fault_keys(c))
   if c.model.arch.startswith("vit") and _number(c.model.patch_size):
     p = c.model.patch_size
     for key in ("global_size",) + (("local_size",) if cr.local_number else ()):

@@ -6,6 +6,7 @@ global-view `jnp.sum`/`jnp.mean` inside `jax.jit`; the compiler inserts the all-
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -15,19 +16,23 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def maybe_initialize_distributed():
+def maybe_initialize_distributed(**timeouts):
   """`jax.distributed.initialize()` when launched as one of several processes.
 
   Triggered by JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID) or by a cluster environment JAX
   detects itself (SLURM, Open MPI, TPU pods) when DINO_JAX_DISTRIBUTED=1. A single process needs nothing.
+  `timeouts` (e.g. heartbeat_timeout_seconds, initialization_timeout) go to `jax.distributed.initialize`, those
+  this JAX version accepts.
   """
+  accepted = inspect.signature(jax.distributed.initialize).parameters
+  timeouts = {k: v for k, v in timeouts.items() if k in accepted}
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+        process_id=int(os.environ["JAX_PROCESS_ID"]), **timeouts)
   elif os.environ.get("DINO_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
 
 
 def make_mesh(devices=None):

@@ -29,6 +29,8 @@ class TrainState(struct.PyTreeNode):
   teacher_batch_stats: Any        # the teacher's own running statistics (it runs in train mode, never EMA'd); or None
   method_state: Any               # the method's own state: {'center': [K]} (DINO), {'queue': [...]} or {} (SwAV)
   nonfinite_step: jax.Array       # -1, or the first step whose loss was not finite (the state then stops changing)
+  skipped_streak: jax.Array       # loss.on_nonfinite='skip': consecutive non-finite steps just skipped (int32)
+  skipped_total: jax.Array        # ... and all steps skipped so far (int32)
 
 
 split_model, merge_model = models.split, models.merge
@@ -65,7 +67,8 @@ def make_init_fn(config, tx, *, n_shards):
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params),
                       teacher=params if has_teacher else None, teacher_batch_stats=stats if has_teacher else None,
                       method_state=method.init_state(config, params, n_shards=n_shards),
-                      nonfinite_step=jnp.full([], -1, jnp.int32))
+                      nonfinite_step=jnp.full([], -1, jnp.int32), skipped_streak=jnp.zeros([], jnp.int32),
+                      skipped_total=jnp.zeros([], jnp.int32))
 
   return init
 

@@ -2,7 +2,8 @@
 
 `make_train_step(run)` returns `step(state, batch) -> (state, metrics)` for `jax.jit` over the run's mesh. The method
 (`dino_jax.methods`) owns the iteration itself; this module holds what every method shares: the crop-major layout,
-the EMA, the guard that freezes the state on a non-finite loss, and the optimiser metrics.
+the EMA, the guard that freezes the state on a non-finite loss (or, with loss.on_nonfinite='skip', drops that step's
+update and stops only after loss.max_consecutive_nonfinite in a row), and the optimiser metrics.
 """
 from __future__ import annotations
 
@@ -50,12 +51,33 @@ def commit(state, loss, **changes):
       (state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step))
 
 
+def all_finite(tree):
+  """True when every floating-point leaf of `tree` is finite (one scalar reduction per leaf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def skip_nonfinite(old, new, loss, max_consecutive):
+  """loss.on_nonfinite='skip': a step whose loss, or any updated parameter, optimiser or method state, is not
+  finite is dropped (the state stays `old`, only `step` moves on) and counted; the `max_consecutive`-th skip in a
+  row sets `nonfinite_step`, which freezes the state and stops the run as 'stop' does."""
+  ok = jnp.isfinite(loss) & all_finite((new.params, new.teacher, new.opt_state, new.method_state, new.batch_stats))
+  stopped = old.nonfinite_step >= 0
+  streak = jnp.where(ok, 0, old.skipped_streak + 1)
+  kept = _select(ok & ~stopped, new, old.replace(step=old.step + 1))
+  return kept.replace(
+      skipped_streak=jnp.where(stopped, old.skipped_streak, streak),
+      skipped_total=old.skipped_total + jnp.where(ok | stopped, 0, 1).astype(jnp.int32),
+      nonfinite_step=jnp.where(stopped, old.nonfinite_step, jnp.where(streak >= max_consecutive, old.step, -1)))
+
+
 def make_train_step(run):
   """step(state, batch) -> (state, metrics); batch holds uint8 crops {'global': [B,2,G,G,3], 'local': [B,N,L,L,3]}.
 
   `run` is a `dino_jax.state.Run` (config, method, graph, optimiser, schedules).
   """
   config, update = run.config, run.method.update
+  on_nonfinite = config.loss.get("on_nonfinite", "stop")
 
   def step(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -64,6 +86,11 @@ def make_train_step(run):
     crops = [crop_major(views["global"])]
     if "local" in views:
       crops.append(crop_major(views["local"]))
-    return update(state, crops, drop_key, graphdef=run.graphdef, tx=run.tx, schedules=run.schedules, config=config)
+    new, metrics = update(state, crops, drop_key, graphdef=run.graphdef, tx=run.tx, schedules=run.schedules,
+                          config=config)
+    if on_nonfinite == "skip":
+      new = skip_nonfinite(state, new, metrics["loss"], int(config.loss.max_consecutive_nonfinite))
+      metrics = {**metrics, "skipped_steps": new.skipped_total}
+    return new, metrics
 
   return step

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from dino_jax import checkpoint as ckpt_lib
-from dino_jax import config_check, console, profiling, sharding, steps, writers
+from dino_jax import config_check, console, faults, profiling, sharding, steps, writers
 from dino_jax import state as state_lib
 from dino_jax.data import pipeline, sources
 from dino_jax.evaluate import online_knn
@@ -31,8 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation results.")
 
 
-class NonFiniteLoss(RuntimeError):
-  pass
+NonFiniteLoss = faults.NonFiniteLoss
 
 
 class _Stop:
@@ -53,11 +52,12 @@ class _Stop:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training, then the k-NN evaluation. Returns the final metrics and evaluation results."""
   # ============ set-up: processes, config check, mesh, workdir ============
-  sharding.maybe_initialize_distributed()
+  faults.initialize_distributed(config)
   config_check.validate(config, device_count=jax.device_count())   # before any data is read or anything compiled
   mesh = sharding.make_mesh()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  faults.check_workdir(workdir)
+  bad_files = faults.BadFiles(workdir, is_main).start()   # unreadable images of every dataset below, listed once
 
   # ============ input pipeline ============
   source = sources.get_source(config.data.source, data_dir=config.data.data_dir)
@@ -74,6 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ============ state: restore, or a jitted init straight into its shardings ============
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
+  monitor = faults.PeerMonitor(config, checkpoints.directory).start()   # multi-process: a dead peer ends the run
   state = checkpoints.restore(run.abstract, data_iterator=data_iter, config=config)
   if state is None:
     state = jax.jit(run.init, out_shardings=run.shardings)()
@@ -108,13 +109,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = train_step(state, batch)
       step += 1
       profiler.after(step, state)
+      monitor.progress(step)
       bar.update(1)
       if config.block_each_step:  # several fake CPU devices deadlock without it (see tests)
         jax.block_until_ready(state)
       done = step == stop_at or stop.requested
       if step % log_every == 0 or done:
         metrics = jax.device_get(metrics)
-        bad = int(jax.device_get(state.nonfinite_step))
         now = time.perf_counter()
         rate = (step - n0) * config.batch_size / max(now - t0, 1e-9)
         t0, n0 = now, step
@@ -123,11 +124,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if is_main:
           writer.write_scalars(step, {k: v for k, v in last.items() if k != "step"})
           bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{rate:.0f}")
-        if bad >= 0:
-          raise NonFiniteLoss(
-              f"loss is not finite at step {bad} (epoch {bad // steps_per_epoch}); the state was frozen at its last "
-              f"finite value and the run stops. Last metrics: {last}. Lower the lr, raise the teacher temperature "
-              f"warm-up, or set model.dtype=float32.")
+        if (error := faults.nonfinite_error(config, state, steps_per_epoch, last)) is not None:
+          raise error
       if online.due(step) and not stop.requested:
         scalars = online(state)
         writer.write_scalars(step, {"epoch": step / steps_per_epoch, **scalars})
@@ -135,16 +133,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)
       if stop.requested:
         break
-  except BaseException:
+  except BaseException as e:
     writer.close()
+    if isinstance(e, Exception):
+      monitor.fail(e)   # a collective failed on a dead peer: one paragraph and exit 1, no wait on barriers
     raise
   finally:
     profiler.stop(state)
+    monitor.stop()
     bar.close()
     checkpoints.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
   if stop.requested and step < stop_at:
+    faults.log_summary(bad_files.stop(), state)
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)
     writer.close()
     return {"train": last, "stopped_at": step}
@@ -161,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       from dino_jax import visualize_attention  # noqa: PLC0415
       writer.write_images(step, visualize_attention.writer_images(config, state))
     writer.write_scalars(step, writers.eval_scalars(results["eval"]), jsonl=False)
+  faults.log_summary(bad_files.stop(), state)
   writer.close()
   return results
 
@@ -168,11 +171,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def main(argv):
   del argv
   console.quiet_logging()
+  faults.quiet_orbax_write_errors()   # a full disk: our one paragraph, not a page of orbax tracebacks
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (NonFiniteLoss, config_check.ConfigError) as e:
+  except (NonFiniteLoss, config_check.ConfigError, ckpt_lib.SaveError, ckpt_lib.RestoreError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
 

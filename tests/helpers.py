@@ -52,6 +52,7 @@ def method_step(config, model, *, steps_per_epoch):
   teacher = (params, stats) if run.method.HAS_TEACHER else (None, None)
   state = fresh.replace(step=jnp.int32(0), params=params, batch_stats=stats, opt_state=run.tx.init(params),
                         teacher=teacher[0], teacher_batch_stats=teacher[1], nonfinite_step=jnp.int32(-1),
+                        skipped_streak=jnp.int32(0), skipped_total=jnp.int32(0),
                         method_state=run.method.init_state(config, params, n_shards=1))
   update = jax.jit(functools.partial(run.method.update, graphdef=graphdef, tx=run.tx, schedules=run.schedules,
                                      config=config))

@@ -29,6 +29,7 @@ restores only into a pipeline with the same number of workers. Batches are ident
 in-process ones (tested).
 """
 import math
+import os
 import sys
 
 from absl import logging
@@ -39,6 +40,34 @@ from dino_jax.data import multicrop
 
 # More consecutive unreadable files than this means a broken dataset, not a few bad files.
 MAX_CONSECUTIVE_BAD = 16
+
+# When set (dino_jax.faults.BadFiles: <workdir>/bad_files.txt), skipped files are appended there, one
+# 'path<TAB>error' line each, and logged at INFO; otherwise logged as warnings. Either way once per file and process
+# (not again every epoch). An environment variable, because grain's worker processes are spawned.
+BAD_FILES_ENV = 'DINO_JAX_BAD_FILES'
+_reported = set()
+
+
+def forget_reported_bad_files():
+  _reported.clear()
+
+
+def _report_bad(error, what):
+  path = getattr(error, 'path', None) or str(error)
+  if path in _reported:
+    return
+  _reported.add(path)
+  target = os.environ.get(BAD_FILES_ENV)
+  if not target:
+    logging.warning('%s unreadable image (on_bad_image=skip): %s', what, error)
+    return
+  logging.info('%s unreadable image (on_bad_image=skip): %s', what, error)
+  reason = ' '.join(str(getattr(error, 'reason', error)).split())
+  try:
+    with open(target, 'a') as f:   # one short line per write: appends of several processes do not interleave
+      f.write(f'{path}\t{reason}\n')
+  except OSError as e:
+    logging.warning('could not record %s in %s (%s): %s', path, target, e, error)
 
 
 def _derived_seed(seed, purpose):
@@ -127,7 +156,7 @@ class _MultiCropStream(grain.MapDataset):
       except multicrop.BadImageError as e:
         if not self._skip:
           raise
-        logging.warning('Skipping unreadable image (on_bad_image=skip): %s', e)
+        _report_bad(e, 'Skipping')
         continue
       element['skipped'] = np.int32(skipped)
       return element
@@ -201,7 +230,7 @@ class _EvalElement:
       except multicrop.BadImageError as e:
         if not self._skip:
           raise
-        logging.warning('Leaving out unreadable image (on_bad_image=skip): %s', e)
+        _report_bad(e, 'Leaving out')
     return {'image': self._blank, 'label': np.int32(-1), 'index': np.int32(-1),
             'mask': np.bool_(False)}
 

@@ -1,0 +1,181 @@
+"""Faults that must not cost a run, reproduced for real: damaged checkpoint files, unreadable images in every
+dataset of a run, a non-finite step under loss.on_nonfinite='skip'."""
+import glob
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_jax import checkpoint as ckpt_lib
+from dino_jax import config_check, steps, train
+from dino_jax import state as state_lib
+from tests.helpers import method_step, recipe, run_metrics, run_state
+
+
+def _truncate_largest(step_dir):
+  """Cuts the largest array file of an orbax checkpoint to 1000 bytes (a disk that lost the end of a write)."""
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if os.path.isfile(f)]
+  target = max(files, key=os.path.getsize)
+  assert os.path.getsize(target) > 10_000
+  with open(target, "r+b") as f:
+    f.truncate(1000)
+  return target
+
+
+def _tree(value):
+  w = np.random.default_rng(int(value)).standard_normal((128, 128)).astype(np.float32)   # incompressible
+  return {"w": w, "b": np.arange(8, dtype=np.int32) + int(value)}
+
+
+def test_unreadable_checkpoints_are_moved_aside_newest_first(tmp_path, caplog):
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path), every_steps=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    checkpoints.save(step, _tree(step))
+  checkpoints.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(0))
+  files_3 = sorted(os.path.relpath(f, tmp_path / "3") for f in glob.glob(str(tmp_path / "3" / "**"), recursive=True))
+  _truncate_largest(str(tmp_path / "3"))
+  with caplog.at_level(logging.WARNING):
+    restored = checkpoints.restore(abstract)
+  np.testing.assert_array_equal(restored["w"], _tree(2)["w"])          # the previous one, whole
+  assert f"checkpoint {tmp_path}/3 cannot be read" in caplog.text
+  (moved,) = glob.glob(str(tmp_path / "3.corrupt-*"))
+  assert moved in caplog.text and not os.path.exists(tmp_path / "3")
+  assert sorted(os.path.relpath(f, moved) for f in glob.glob(moved + "/**", recursive=True)) == files_3  # kept
+  assert checkpoints.latest_step() == 2
+
+  # Nothing readable: one error naming each checkpoint tried and what failed.
+  for step in (1, 2):
+    _truncate_largest(str(tmp_path / str(step)))
+  with pytest.raises(ckpt_lib.RestoreError, match=r"(?s)tried, newest first:.*/2: .*/1: "):
+    checkpoints.restore(abstract)
+  assert len(glob.glob(str(tmp_path / "*.corrupt-*"))) == 3 and checkpoints.latest_step() is None
+  checkpoints.close()
+
+
+def _image_folder(root, n_per_class=24, size=32):
+  """Two classes of noise images (the classes differ in brightness) plus an empty and a truncated JPEG."""
+  rng = np.random.default_rng(0)
+  for c in range(2):
+    os.makedirs(root / f"class{c}")
+    for i in range(n_per_class):
+      pixels = rng.integers(0, 128, (size, size, 3)) + 127 * c
+      Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i:02d}.png")
+  (root / "class0" / "empty.jpg").write_bytes(b"")
+  jpeg = root / "class1" / "whole.jpg"
+  Image.fromarray(rng.integers(0, 255, (size, size, 3)).astype(np.uint8)).save(jpeg, quality=95)
+  (root / "class1" / "truncated.jpg").write_bytes(jpeg.read_bytes()[:200])
+  jpeg.unlink()
+  return {str(root / "class0" / "empty.jpg"), str(root / "class1" / "truncated.jpg")}
+
+
+def test_bad_images_listed_once_and_a_damaged_checkpoint_resumes_from_the_previous(tmp_path, caplog):
+  """A run on a folder with 2 unreadable images (training and the end-of-run k-NN both read it): both skipped, listed
+  once in bad_files.txt. Then the newest checkpoint is damaged: the rerun warns, moves it aside, resumes from the
+  one before and redoes those steps exactly."""
+  bad = _image_folder(tmp_path / "images")
+  folder = f"imagefolder:{tmp_path / 'images'}"
+  workdir = tmp_path / "run"
+  config = recipe("quickstart", max_steps=4, **{"data.source": folder, "eval.train_source": folder,
+                                                "eval.test_source": folder, "eval.compare_random_init": False})
+  with caplog.at_level(logging.WARNING):
+    out = train.train_and_evaluate(config, str(workdir))
+  assert "eval" in out and os.path.exists(workdir / "eval.json")          # the k-NN skipped them too
+  listed = [line.split("\t")[0] for line in open(workdir / "bad_files.txt")]
+  assert sorted(listed) == sorted(bad)                                    # once each, over 4 steps and 2 k-NN passes
+  assert "2 unreadable image file(s) were skipped" in caplog.text and str(workdir / "bad_files.txt") in caplog.text
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]        # no step-1 checkpoint
+  first = run_metrics(workdir)
+
+  _truncate_largest(str(workdir / "checkpoints" / "4"))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(recipe("quickstart", max_steps=5, **{"data.source": folder, "eval.test_source": None}),
+                             str(workdir))
+  assert f"checkpoint {workdir}/checkpoints/4 cannot be read" in caplog.text
+  assert glob.glob(str(workdir / "checkpoints" / "4.corrupt-*"))
+  again = run_metrics(workdir)[len(first):]
+  assert [m["step"] for m in again] == [3, 4, 5]                          # resumed from step 2
+  assert [m["loss"] for m in again[:2]] == [m["loss"] for m in first[2:4]]
+  assert int(run_state(workdir).step) == 5
+  assert [line.split("\t")[0] for line in open(workdir / "bad_files.txt")] == sorted(bad)
+
+
+def test_nonfinite_skip_drops_the_update_and_stops_after_n_in_a_row():
+  config = recipe("quickstart", **{"loss.on_nonfinite": "skip", "loss.max_consecutive_nonfinite": 2})
+  _, state, update = method_step(config, state_lib.build_model(config), steps_per_epoch=10)
+
+  @jax.jit
+  def skip(old, crops, key):   # what make_train_step does after the method's update under on_nonfinite='skip'
+    new, metrics = update(old, crops, key)
+    return steps.skip_nonfinite(old, new, metrics["loss"], 2)
+
+  rng = np.random.default_rng(0)
+  n, g, l = 8, config.crops.global_size, config.crops.local_size
+
+  def crops(nan=False):
+    glob_ = rng.standard_normal((2 * n, g, g, 3)).astype(np.float32)
+    if nan:
+      glob_[0, 0, 0, 0] = np.nan
+    return [jnp.asarray(glob_), jnp.asarray(rng.standard_normal((2 * n, l, l, 3)).astype(np.float32))]
+
+  state = skip(state, crops(), jax.random.key(0))
+  before = jax.device_get(state)
+  state = skip(state, crops(nan=True), jax.random.key(1))                 # skipped: nothing but the step moves
+  for a, b in zip(jax.tree.leaves((before.params, before.teacher, before.opt_state, before.method_state)),
+                  jax.tree.leaves((state.params, state.teacher, state.opt_state, state.method_state))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert (int(state.step), int(state.skipped_streak), int(state.skipped_total), int(state.nonfinite_step)) == (2, 1, 1,
+                                                                                                              -1)
+  state = skip(state, crops(), jax.random.key(2))                         # a good step trains again
+  assert (int(state.skipped_streak), int(state.skipped_total), int(state.nonfinite_step)) == (0, 1, -1)
+  moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before.params),
+                                                                 jax.tree.leaves(state.params))]
+  assert any(moved)
+  state = skip(state, crops(nan=True), jax.random.key(3))
+  state = skip(state, crops(nan=True), jax.random.key(4))                 # the 2nd in a row: stop
+  assert (int(state.skipped_streak), int(state.skipped_total), int(state.nonfinite_step)) == (2, 3, 4)
+
+
+def test_nonfinite_keys_are_checked():
+  config = recipe("quickstart", **{"loss.on_nonfinite": "ignore", "loss.max_consecutive_nonfinite": 0})
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(config)
+  assert "config.loss.on_nonfinite='ignore'" in str(e.value) and "config.loss.max_consecutive_nonfinite=0" in str(
+      e.value)
+
+
+def test_attention_map_images_honour_on_bad_image(tmp_path):
+  import importlib.util  # noqa: PLC0415
+  from dino_jax.data import multicrop, sources  # noqa: PLC0415
+  from tests.helpers import ROOT  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("plot_run", os.path.join(ROOT, "experiments", "plot_run.py"))
+  plot_run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot_run)
+  bad = _image_folder(tmp_path / "images", n_per_class=2)
+  src = sources.get_source(f"imagefolder:{tmp_path / 'images'}")
+  index = next(i for i in range(len(src)) if src[i]["path"] in bad)
+  crop = multicrop.CenterCrop(16, 16)
+  image = plot_run._readable(src, index, crop, "skip")["image"]           # the next readable one
+  np.testing.assert_array_equal(image, crop(src[index + 1])["image"])
+  with pytest.raises(multicrop.BadImageError, match="cannot decode image"):
+    plot_run._readable(src, index, crop, "fail")
+
+
+def test_nonfinite_skip_end_to_end_counts_then_stops(tmp_path):
+  """An lr of 1e30 blows the weights up after the first update: every later step is skipped and counted, and the
+  third in a row stops the run with the message naming the policy."""
+  config = recipe("quickstart", max_steps=12, **{"loss.on_nonfinite": "skip", "loss.max_consecutive_nonfinite": 3,
+                                                  "optim.lr": 1e30, "eval.test_source": None})
+  with pytest.raises(train.NonFiniteLoss, match=r"3 consecutive steps had a non-finite loss or update \(the last at "
+                                                r"step \d+.*skipped 3 steps in all"):
+    train.train_and_evaluate(config, str(tmp_path))
+  lines = run_metrics(tmp_path)
+  skipped = [m["skipped_steps"] for m in lines]
+  assert skipped == sorted(skipped) and skipped[-1] == 3 and skipped[0] <= 1
+  for before, m in zip([{"skipped_steps": 0}] + lines, lines):   # a step is counted exactly when its loss is not finite
+    assert (m["skipped_steps"] - before["skipped_steps"] == 1) == (not np.isfinite(m["loss"])), lines
