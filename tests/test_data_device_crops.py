@@ -111,9 +111,24 @@ def test_training_on_a_jpeg_folder_through_the_device_path(tmp_path):
       Image.fromarray(image[top:top + 120:3, left:left + 140:3]).save(tmp_path / 'data' / f'class{c}' / f'{j}.jpg',
                                                                  quality=90)
   config = helpers.recipe('quickstart', **{'data.source': f'imagefolder:{tmp_path / "data"}', 'data.crop_on': 'device',
-                                           'data.device_image_size': 48, 'max_steps': 2, 'eval.test_source': None,
+                                           'data.device_image_size': 48, 'crops.local_number': 0, 'max_steps': 2, 'eval.test_source': None,
                                            'eval.test_source': None})
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   metrics = helpers.run_metrics(str(tmp_path / 'run'))
   losses = [m['loss'] for m in metrics if 'loss' in m]
   assert losses and np.isfinite(losses).all()
+
+
+def test_simplejpeg_and_pil_decodes_give_the_same_element():
+  """The libjpeg-turbo decoder (with DCT scaling) and PIL's (with draft) ship the same pixels and boxes, colour and grey."""
+  groups = (multicrop.CropGroup('global', 64, 2, (0.4, 1.0)), multicrop.CropGroup('local', 32, 2, (0.05, 0.4)))
+  device = decode.DeviceMultiCrop(groups, image_size=768)
+  buf = io.BytesIO()
+  Image.fromarray(photos()[0]).convert('L').save(buf, 'JPEG', quality=85)
+  for data in _jpegs() + [buf.getvalue()]:
+    turbo = device._turbo(data, {'image': data, 'label': 1}, np.random.default_rng(5))
+    pil = device._pil({'image': data, 'label': 1}, np.random.default_rng(5))
+    assert turbo is not None and turbo.keys() == pil.keys()
+    for k in pil:
+      np.testing.assert_array_equal(turbo[k], pil[k], err_msg=k)
+  assert device._turbo(b'not a jpeg', {}, np.random.default_rng(0)) is None
