@@ -20,7 +20,8 @@ Results go to experiments/results/bench_data.{md,json}.
     python experiments/bench_data.py --photometry-only --batch 256   # on a GPU machine
 
 times only the photometric step (DINO shapes, 2x224 + 8x96) on jax's default device and prints
-images/s; it writes nothing.
+images/s; it writes nothing. `--device-crops-only --batch 256` does the same for the accelerator part
+of data.crop_on='device' (the crops cut and resized from padded real images, resize.py).
 """
 import argparse
 import io
@@ -79,9 +80,13 @@ def main():
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results', 'bench_data'))
   parser.add_argument('--photometry-only', action='store_true',
                       help="time the photometric step alone on jax's default device")
+  parser.add_argument('--device-crops-only', action='store_true',
+                      help="time resize.device_crops alone on jax's default device")
   args = parser.parse_args()
   if args.photometry_only:
     return photometry_only(args.batch)
+  if args.device_crops_only:
+    return device_crops_only(args.batch, args.device_image_size)
 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   core = sorted(os.sched_getaffinity(0))[0]
@@ -202,6 +207,31 @@ def photometry_only(batch_size, rounds=20):
   print(f'{jax.devices()[0].device_kind}: photometry for {batch_size} images (2x224 + 8x96): '
         f'{1e3 * per_batch:.2f} ms per batch, {batch_size / per_batch:.0f} images/s '
         f'(first call with compilation {compile_s:.1f} s)')
+
+
+def device_crops_only(batch_size, image_size, rounds=20):
+  import jax
+  import jax.numpy as jnp
+
+  from dino_jax.data import decode, multicrop, resize
+
+  crops = common.dino_defaults().crops
+  device = decode.DeviceMultiCrop(multicrop.crop_groups(crops), image_size=image_size)
+  rng = np.random.default_rng(0)
+  elements = [device({'image': d, 'label': 0}, rng) for d in make_jpegs(batch_size, (500, 375))]
+  batch = {k: jnp.asarray(np.stack([e[k] for e in elements])) for k in elements[0]}
+  fn = jax.jit(lambda b: resize.device_crops(b, crops))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(batch))
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(rounds):
+    out = fn(batch)
+  jax.block_until_ready(out)
+  per_batch = (time.perf_counter() - start) / rounds
+  print(f'{jax.devices()[0].device_kind}: device crops for {batch_size} images (2x224 + 8x96 from {image_size}^2 '
+        f'padded JPEGs): {1e3 * per_batch:.2f} ms per batch, {1e3 * per_batch / batch_size:.4f} ms per image, '
+        f'{batch_size / per_batch:.0f} images/s (first call with compilation {compile_s:.1f} s)')
 
 
 def _cpu_model():
