@@ -100,6 +100,8 @@ def dino_defaults():
   c.data.num_workers = 10       # grain worker processes (0: in-process)
   c.data.threads_per_worker = 2
   c.data.prefetch_batches = 2   # per worker; elements are whole batches
+  c.data.crop_on = "device"     # "device": workers decode, the step cuts + resizes the crops (data/resize.py); "cpu"
+  c.data.device_image_size = 512  # crop_on="device": decoded images padded to D x D (larger ones DCT-downscaled)
   c.data.jpeg_draft = True      # decode large JPEGs at 1/2..1/8 scale when every crop allows it (multicrop.py)
   c.data.exif_transpose = False  # torchvision ignores EXIF orientation
   c.data.on_bad_image = "skip"  # or "fail"
@@ -258,6 +260,7 @@ def digits_quickstart(c, *, photometry: bool):
     c.aug.solarize_p_global = off(c.aug.solarize_p_global)
   c.data.source = "digits:train"
   c.data.num_workers = 0             # in-process: the 2 cores are busy with the model
+  c.data.crop_on = "cpu"             # the "device" is these same 2 cores; keeps the measured quickstart figures
   c.eval.train_source = "digits:train"
   c.eval.test_source = "digits:test"
   c.eval.image_size = 16

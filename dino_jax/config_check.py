@@ -121,6 +121,9 @@ def validate(config, *, device_count=None):
       one_of("crops.interpolation", cr.interpolation, ("bicubic", "bilinear", "nearest", "lanczos")),
       at_least("data.num_workers", c.data.num_workers, 0, "10 (0: in-process)", integer=True),
       one_of("data.on_bad_image", c.data.on_bad_image, ("skip", "fail")),
+      one_of("data.crop_on", c.data.get("crop_on", "cpu"), ("cpu", "device")),
+      one_of("crops.interpolation (data.crop_on='device')", cr.interpolation, ("bicubic", "bilinear"))
+      if c.data.get("crop_on", "cpu") == "device" else None,
       _source("data.source", c.data.source, required=True),
       _source("eval.train_source", c.eval.train_source, required=bool(c.eval.test_source)),
       _source("eval.test_source", c.eval.test_source, required=False),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from dino_jax.data import photometric
+from dino_jax.data import resize
 
 
 def crop_major(images):
@@ -82,6 +83,8 @@ def make_train_step(run):
   def step(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     aug_key, drop_key = jax.random.split(key)
+    if "image" in batch:  # config.data.crop_on = 'device': the crops are cut here (data/resize.py)
+      batch = resize.device_crops(batch, config.crops)
     views = photometric.augment(batch, aug_key, config.aug)
     crops = [crop_major(views["global"])]
     if "local" in views:

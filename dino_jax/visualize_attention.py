@@ -144,16 +144,8 @@ def writer_images(config, state, n_images=4) -> dict:
   if not config.model.arch.startswith("vit") or not (config.eval.test_source or config.eval.train_source):
     return {}
   import matplotlib  # noqa: PLC0415
-  from dino_jax.data import sources  # noqa: PLC0415
-  from dino_jax.data.multicrop import CenterCrop  # noqa: PLC0415
-  from dino_jax.evaluate import run as eval_run  # noqa: PLC0415
-  from dino_jax.evaluate.attention import cls_attention_maps  # noqa: PLC0415
-  e = config.eval
-  src = sources.get_source(e.test_source or e.train_source, data_dir=config.data.data_dir)
-  crop = CenterCrop(e.image_size, e.resize_size, interpolation=config.crops.interpolation)
-  images = np.stack([crop(src[int(i)])["image"] for i in np.linspace(0, len(src) - 1, n_images).astype(int)])
-  params, stats = eval_run.backbones(config, state, compare_random_init=False)["teacher"]   # on the host
-  maps = cls_attention_maps(config, params, stats, images)                   # [n, heads, h, w]
+  from dino_jax.evaluate.attention import evaluation_maps  # noqa: PLC0415
+  images, maps = evaluation_maps(config, state, n_images)
   maps = maps / np.maximum(maps.max(axis=(2, 3), keepdims=True), 1e-12)
   coloured = (matplotlib.colormaps["inferno"](upsample(maps, config.model.patch_size))[..., :3] * 255).astype(np.uint8)
   rows = [np.concatenate([images[r], *coloured[r]], axis=1) for r in range(len(images))]

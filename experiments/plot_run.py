@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -95,35 +94,13 @@ def plot_attention(config, state, path, n_images=6):
   return _save(attention_figure(config, state, n_images)[0], path)
 
 
-def _readable(src, index, crop, on_bad_image):
-  """crop(src[index]), or with on_bad_image='skip' that of the next readable image (the training policy)."""
-  from dino_jax.data.multicrop import BadImageError  # noqa: PLC0415
-  for i in range(index, index + len(src)):
-    try:
-      return crop(src[i % len(src)])
-    except BadImageError as e:
-      if on_bad_image != "skip":
-        raise
-      logging.warning("attention maps: skipping unreadable image (on_bad_image=skip): %s", e)
-  raise ValueError(f"no readable image in {src!r}")
-
-
 def attention_figure(config, state, n_images=6):
   """(figure, images [n, H, W, 3], maps [n, heads, h, w]): each row an evaluation image and its heads' maps."""
   plt = _pyplot()
 
-  from dino_jax.data import sources  # noqa: PLC0415
-  from dino_jax.data.multicrop import CenterCrop  # noqa: PLC0415
-  from dino_jax import methods  # noqa: PLC0415
-  from dino_jax.evaluate.attention import cls_attention_maps  # noqa: PLC0415
+  from dino_jax.evaluate.attention import evaluation_maps  # noqa: PLC0415
 
-  e = config.eval
-  src = sources.get_source(e.test_source or e.train_source, data_dir=config.data.data_dir)
-  picks = np.linspace(0, len(src) - 1, n_images).astype(int)
-  crop = CenterCrop(e.image_size, e.resize_size, interpolation=config.crops.interpolation)
-  images = np.stack([_readable(src, int(i), crop, config.data.on_bad_image)["image"] for i in picks])
-  params, stats = jax.device_get(methods.get(config.method).evaluated(state))
-  maps = cls_attention_maps(config, params["backbone"], (stats or {}).get("backbone", {}), images)
+  images, maps = evaluation_maps(config, state, n_images)
   heads = maps.shape[1]
   fig, axes = plt.subplots(n_images, heads + 1, figsize=(1.4 * (heads + 1), 1.4 * n_images), squeeze=False)
   for r in range(n_images):

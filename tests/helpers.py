@@ -32,9 +32,11 @@ def run_state(workdir):
   return jax.device_get(load_run(workdir)[1])
 
 
-def run_metrics(workdir):
+def run_metrics(workdir, *, train_only=True):
+  """metrics.jsonl's rows: those of the training log steps (the online k-NN rows left out), or all of them."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if "loss" in r] if train_only else rows
 
 
 def method_step(config, model, *, steps_per_epoch):

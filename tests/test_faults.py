@@ -113,20 +113,16 @@ def test_nonfinite_keys_are_checked():
 
 
 def test_attention_map_images_honour_on_bad_image(tmp_path):
-  import importlib.util  # noqa: PLC0415
   from dino_jax.data import multicrop, sources  # noqa: PLC0415
-  from tests.helpers import ROOT  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("plot_run", os.path.join(ROOT, "experiments", "plot_run.py"))
-  plot_run = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(plot_run)
+  from dino_jax.evaluate import attention  # noqa: PLC0415 (plot_run and the writers' images pick through it)
   bad = _image_folder(tmp_path / "images", n_per_class=2)
   src = sources.get_source(f"imagefolder:{tmp_path / 'images'}")
   index = next(i for i in range(len(src)) if src[i]["path"] in bad)
   crop = multicrop.CenterCrop(16, 16)
-  image = plot_run._readable(src, index, crop, "skip")["image"]           # the next readable one
+  image = attention._readable(src, index, crop, "skip")["image"]           # the next readable one
   np.testing.assert_array_equal(image, crop(src[index + 1])["image"])
   with pytest.raises(multicrop.BadImageError, match="cannot decode image"):
-    plot_run._readable(src, index, crop, "fail")
+    attention._readable(src, index, crop, "fail")
 
 
 def test_nonfinite_skip_end_to_end_counts_then_stops(tmp_path):

@@ -151,13 +151,7 @@ class MultiCrop:
     image = open_image(record['image'], path)
     if self.exif_transpose and _orientation(image, path) != 1:
       image = to_rgb(image, path, exif_transpose=True)  # boxes must be drawn on the rotated image
-    width, height = image.size
-    plan = []
-    for g in self.groups:
-      boxes = [random_resized_crop_box(width, height, g.scale, g.ratio, rng) for _ in range(g.number)]
-      flips = rng.random(g.number) < 0.5 if self.flip else np.zeros(g.number, bool)
-      plan.append((g, boxes, flips))
-
+    plan = self.plan(*image.size, rng)
     reduce = self._draft(image, plan) if self.draft else 1
     image = to_rgb(image, path)
     out = {}
@@ -174,6 +168,16 @@ class MultiCrop:
       out[g.name] = crops
     out['label'] = np.int32(record.get('label', -1))
     return out
+
+  def plan(self, width, height, rng):
+    """[(group, boxes (top, left, h, w), flips)]: every random draw of one image, in the order the cpu path makes
+    them (the device path, `decode.DeviceMultiCrop`, draws the same)."""
+    plan = []
+    for g in self.groups:
+      boxes = [random_resized_crop_box(width, height, g.scale, g.ratio, rng) for _ in range(g.number)]
+      flips = rng.random(g.number) < 0.5 if self.flip else np.zeros(g.number, bool)
+      plan.append((g, boxes, flips))
+    return plan
 
   def _draft(self, image, plan):
     """Asks libjpeg for a 1/2..1/8 scale decode that keeps every crop >= its output size."""

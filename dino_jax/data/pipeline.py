@@ -36,6 +36,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from dino_jax.data import decode
 from dino_jax.data import multicrop
 
 # More consecutive unreadable files than this means a broken dataset, not a few bad files.
@@ -184,6 +185,9 @@ def make_train_dataset(source, config, *, seed, process_index=0, process_count=1
   Yields dicts of numpy arrays: 'global' uint8 [b, n_global, G, G, 3], 'local' uint8
   [b, n_local, L, L, 3] (absent without local crops), 'label' int32 [b], 'skipped' int32 [b],
   with b = config.batch_size // process_count: rows [p*b, (p+1)*b) of each global batch.
+  With `config.data.crop_on = 'device'` the crops are replaced by 'image' uint8 [b, D, D, 3] and
+  '<group>_box' float32 [b, n, 2, 4], '<group>_flip' bool [b, n] (decode.py), which the train step
+  turns into the same crops (resize.device_crops).
   """
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
@@ -191,12 +195,23 @@ def make_train_dataset(source, config, *, seed, process_index=0, process_count=1
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   data, crops = config.data, config.crops
-  transform = multicrop.MultiCrop(
-      multicrop.crop_groups(crops),
-      interpolation=crops.interpolation,
-      flip=crops.flip,
-      draft=data.jpeg_draft,
-      exif_transpose=data.exif_transpose)
+  crop_on = data.get('crop_on', 'cpu')
+  if crop_on == 'device':  # the workers decode and draw; the step cuts and resizes (resize.device_crops)
+    transform = decode.DeviceMultiCrop(
+        multicrop.crop_groups(crops),
+        image_size=data.device_image_size,
+        flip=crops.flip,
+        draft=data.jpeg_draft,
+        exif_transpose=data.exif_transpose)
+  elif crop_on == 'cpu':
+    transform = multicrop.MultiCrop(
+        multicrop.crop_groups(crops),
+        interpolation=crops.interpolation,
+        flip=crops.flip,
+        draft=data.jpeg_draft,
+        exif_transpose=data.exif_transpose)
+  else:
+    raise ValueError(f"config.data.crop_on must be 'cpu' or 'device', got {crop_on!r}")
   used = steps_per_epoch(source, config) * config.batch_size
   ds = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0))
   ds = _EpochStream(ds, len(source), used)

@@ -110,6 +110,7 @@ def _probe_geometry(config, lin, image_size):
     c.crops.local_number = 0
     c.crops.interpolation = "bilinear"
     c.crops.flip = bool(lin.flip)
+    c.data.crop_on = "cpu"  # the probe's step reads crops, not images
   return c
 
 
