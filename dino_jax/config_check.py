@@ -96,6 +96,7 @@ def validate(config, *, device_count=None):
       at_least("optim.clip_grad", o.clip_grad, 0, "3.0 (0 disables)"),
       one_of("model.arch", c.model.arch, models.BACKBONES),
       one_of("model.dtype", c.model.dtype, tuple(models.DTYPES)),
+      one_of("model.remat", c.model.get("remat", "none"), tuple(models.REMAT_POLICIES)),
       in_range("model.drop_path_rate", c.model.get("drop_path_rate", 0.0), 0, 1, "0.1"),
       at_least("crops.global_size", cr.global_size, 1, "224", integer=True),
       at_least("crops.global_number", cr.global_number, 1, "2", integer=True),
