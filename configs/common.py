@@ -32,7 +32,7 @@ def dino_defaults():
   c.model.overrides = ml_collections.ConfigDict()  # e.g. {'depth': 4} to shrink a ViT for CPU runs
   # What the backward keeps of each backbone block: 'none', 'block' (nothing: recompute the block) or 'dots' (the
   # matmul outputs). 'block' keeps ViT-S/16's residuals at 1.4 GiB against 15.8 GiB for 'none' (bf16, batch 64,
-  # 2x224 + 8x96) for +31 % step FLOPs: experiments/results/bench_memory.md.
+  # 2x224 + 8x96) for +27 % step FLOPs (analytic): experiments/results/bench_memory_cpu.md.
   c.model.remat = "block"
 
   c.teacher_momentum = 0.996    # cosine to 1 per iteration; 0.9995 recommended for batch 256
@@ -130,7 +130,7 @@ def swav_defaults():
   c.model.nmb_prototypes = 3000
   c.model.dtype = "bfloat16"    # compute dtype; parameters, BatchNorm statistics, scores and Sinkhorn are float32
   c.model.overrides = ml_collections.ConfigDict()  # backbone constructor overrides, e.g. {'width': 16}
-  c.model.remat = "block"       # 'none' | 'block' | 'dots', as for DINO (experiments/results/bench_memory.md)
+  c.model.remat = "block"       # 'none' | 'block' | 'dots', as for DINO (experiments/results/bench_memory_cpu.md)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.1
