@@ -95,10 +95,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bar = tqdm(total=stop_at, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
   t0, n0 = time.perf_counter(), start
   step = start
+  # Batches go to the device two steps ahead; the checkpoint records the position of the next unused one.
+  batches = steps.DevicePrefetch(data_iter, mesh, size=config.data.get("device_prefetch", 2))
   try:
     while step < stop_at:
-      batch = sharding.global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(batches))
       step += 1
       bar.update(1)
       if config.block_each_step:  # several fake CPU devices deadlock without it (see tests)
@@ -121,14 +122,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"loss is not finite at step {bad} (epoch {bad // steps_per_epoch}); the state was frozen at its last "
               f"finite value and the run stops. Last metrics: {last}. Lower the lr, raise the teacher temperature "
               f"warm-up, or set model.dtype=float32.")
-      checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)
+      checkpoints.save(step, state, data_iterator=batches, config=config, force=done)
       if stop.requested:
         break
   finally:
     bar.close()
     checkpoints.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
+    batches.close()
   if stop.requested and step < stop_at:
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)
     return {"train": last, "stopped_at": step}
