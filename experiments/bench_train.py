@@ -21,7 +21,8 @@ torch.autocast (--torch_autocast: float16 on CUDA as the official `--use_fp16 tr
 GPU XLA flags: --gpu_flags appends GPU_FLAGS (below) to XLA_FLAGS before jax starts; XLA_FLAGS set in the
 environment are kept. None of them is measured yet (no GPU figures in this repository so far).
 
-Writes experiments/results/bench_train_<backend>.{md,json} (--name: <name>.{md,json}; --smoke: nothing).
+Writes experiments/results/bench_train_<backend>.{md,json} (--name: <name>.{md,json}; --smoke without --name:
+nothing).
 """
 from __future__ import annotations
 
@@ -275,7 +276,7 @@ def main(argv=None):
     lines += ["", f"Ours / official: **{result['ratio']:.2f}x** images per second."]
   text = "\n".join(lines) + "\n"
   print(text)
-  if not a.smoke:
+  if not a.smoke or a.name:
     os.makedirs(a.out, exist_ok=True)
     name = a.name or f"bench_train_{jax.default_backend()}"
     with open(os.path.join(a.out, name + ".md"), "w") as f:
