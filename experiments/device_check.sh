@@ -9,7 +9,7 @@
 # Wheels: grain, tensorflow-datasets and ml_collections are not on the GPU image. `bash experiments/fetch_wheels.sh`
 # (here, where pip reaches PyPI) fills .whl/; carry it with the call (`carry: [".whl"]`) and this script installs it
 # into /tmp/site. WHEELS=dir picks another folder. Every step has its own timeout and the whole script stops
-# starting new benchmarks after BUDGET_S seconds (default 420), so it ends inside 8 minutes and can be rerun once
+# starting new steps after BUDGET_S seconds (default 450), so it ends inside 8 minutes and can be rerun once
 # within a 15-minute lease. Logs and per-run json go to $OUT (the device tool's folder) or /tmp/device_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
-BUDGET_S=${BUDGET_S:-$([ $SMOKE = 1 ] && echo 1800 || echo 420)}
+BUDGET_S=${BUDGET_S:-$([ $SMOKE = 1 ] && echo 1800 || echo 450)}
 LOG_DIR=${OUT:-/tmp/device_check}
 RUNS="$LOG_DIR/runs"
 rm -rf "$RUNS"; mkdir -p "$RUNS"
@@ -48,14 +48,14 @@ $PY -c "import jax, flax, grain, ml_collections; print('jax', jax.__version__, j
 if [ $SMOKE = 1 ]; then
   step gpu_tests 300 env DINO_JAX_GPU_TESTS_ON_CPU=1 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 else
-  step gpu_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 fi
 
 # ---- training-step benchmarks: ours and the official step (fp16 autocast, as its --use_fp16) --------------------
 if [ $SMOKE = 1 ]; then
   COMMON="--smoke --steps=1 --warmup=1"; LIMIT=300
 else
-  COMMON="--peak_tflops=989 --torch_autocast --gpu_flags --steps=10 --warmup=2"; LIMIT=110
+  COMMON="--peak_tflops=989 --torch_autocast --gpu_flags --steps=8 --warmup=2"; LIMIT=90
 fi
 bench() { local name=$1; shift; step "$name" $LIMIT $PY experiments/bench_train.py "$@" $COMMON --name="$name" --out="$RUNS"; }
 bench 1_dino_vit_s16_b64 --arch=vit_small --batch=64
@@ -66,14 +66,7 @@ if [ $SMOKE = 1 ]; then
   $PY experiments/bench_train.py --collect="$RUNS" --out="$LOG_DIR"
 else
   $PY experiments/bench_train.py --collect="$RUNS" --out=experiments/results
-  cp experiments/results/bench_train_gpu.* "$LOG_DIR"/ 2>/dev/null
-fi
-
-# ---- memory of the compiled step (GPU: memory_analysis) --------------------------------------------------------
-if [ $SMOKE = 1 ]; then
-  step memory 200 $PY experiments/bench_memory.py --smoke --remat=block --compile
-else
-  step memory 90 $PY experiments/bench_memory.py --remat=block --compile --out="$LOG_DIR"
+  cp experiments/results/bench_train_gpu.* "$LOG_DIR"/ 2>/dev/null    # only $OUT comes back from the device
 fi
 
 # ---- input pipeline (another helper's script, when present) ------------------------------------------------------
@@ -82,8 +75,17 @@ if [ -f experiments/bench_input.py ]; then
     step input 200 $PY experiments/bench_input.py --config=configs/dino_vit_small16.py --batch=8 --images=16 --steps=2 \
       --out=/tmp/bench_input
   else
-    step input 90 $PY experiments/bench_input.py --config=configs/dino_vit_small16.py --batch=256 --images=2048 \
+    step input 60 $PY experiments/bench_input.py --config=configs/dino_vit_small16.py --batch=256 --images=2048 \
       --steps=40 --out=/tmp/bench_input
   fi
 fi
-echo "device_check done in $(( SECONDS - START ))s; results: experiments/results/bench_train_gpu.md, logs: $LOG_DIR"
+
+# ---- memory of the compiled step (GPU: memory_analysis) --------------------------------------------------------
+if [ $SMOKE = 1 ]; then
+  step memory 200 $PY experiments/bench_memory.py --smoke --remat=block --compile
+else
+  step memory 60 $PY experiments/bench_memory.py --remat=block --compile
+  cp experiments/results/bench_memory_gpu.* "$LOG_DIR"/ 2>/dev/null   # only $OUT comes back from the device
+fi
+
+echo "device_check done in $(( SECONDS - START ))s; logs: $LOG_DIR$([ $SMOKE = 1 ] || echo "; results: experiments/results/bench_{train,memory}_gpu.{md,json}")"
