@@ -10,7 +10,7 @@ cls token and positional embedding promote it, bf16 branch outputs are added to 
 what PyTorch autocast does in the official fp16 training; LayerNorm statistics and the attention
 softmax are fp32.
 
-Rematerialisation: `remat` ('none', 'block', 'dots'; `REMAT_POLICIES`) wraps each block in `nnx.remat`, so the backward
+Rematerialisation: `remat` ('none', 'block', 'dots'; `REMAT_POLICIES`) puts each block under `jax.checkpoint`, so the backward
 recomputes the block's forward instead of keeping its activations; the numbers are the same (tests/test_remat.py).
 
 Attention: `attention_impl=None` (the default) picks cuDNN flash attention at trace time on a GPU
