@@ -111,6 +111,7 @@ def validate(config, *, device_count=None):
       at_least("optim.clip_grad", o.clip_grad, 0, "3.0 (0 disables)"),
       one_of("model.arch", c.model.arch, models.BACKBONES),
       one_of("model.dtype", c.model.dtype, tuple(models.DTYPES)),
+      one_of("model.remat", c.model.get("remat", "none"), tuple(models.REMAT_POLICIES)),
       in_range("model.drop_path_rate", c.model.get("drop_path_rate", 0.0), 0, 1, "0.1"),
       at_least("crops.global_size", cr.global_size, 1, "224", integer=True),
       at_least("crops.global_number", cr.global_number, 1, "2", integer=True),
@@ -121,6 +122,7 @@ def validate(config, *, device_count=None):
       one_of("crops.interpolation", cr.interpolation, ("bicubic", "bilinear", "nearest", "lanczos")),
       at_least("data.num_workers", c.data.num_workers, 0, "10 (0: in-process)", integer=True),
       one_of("data.on_bad_image", c.data.on_bad_image, ("skip", "fail")),
+      at_least("data.device_prefetch", c.data.device_prefetch, 1, "2", integer=True),
       one_of("data.crop_on", c.data.get("crop_on", "cpu"), ("cpu", "device")),
       one_of("crops.interpolation (data.crop_on='device')", cr.interpolation, ("bicubic", "bilinear"))
       if c.data.get("crop_on", "cpu") == "device" else None,

@@ -7,10 +7,14 @@ update and stops only after loss.max_consecutive_nonfinite in a row), and the op
 """
 from __future__ import annotations
 
+import collections
+import json
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from dino_jax import sharding
 from dino_jax.data import photometric
 from dino_jax.data import resize
 
@@ -97,3 +101,53 @@ def make_train_step(run):
     return new, metrics
 
   return step
+
+
+class DevicePrefetch:
+  """The host batches of `iterator` put on the mesh `size` steps ahead of the step that uses them.
+
+  jax dispatches a step asynchronously, so the host-to-device copy of the next batch overlaps the running step and
+  the loop never waits on a transfer. `get_state()` is the wrapped iterator's position as of the next batch handed
+  out (not of the ones already read ahead), as bytes, the form grain's checkpoint handler writes for an iterator
+  that is not a grain DatasetIterator: a checkpoint then resumes at the batch the next step would have used, as
+  without prefetching. Restore the wrapped iterator itself, before wrapping it.
+  """
+
+  def __init__(self, iterator, mesh, size=2):
+    self._it, self._mesh, self._size = iterator, mesh, max(int(size), 1)
+    self._queue = collections.deque()   # (state of `iterator` before this batch, batch on the device)
+    self._exhausted = False
+
+  def _position(self):
+    get = getattr(self._it, "get_state", None)
+    return None if get is None else get()
+
+  def _fill(self):
+    while not self._exhausted and len(self._queue) < self._size:
+      position = self._position()
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self._queue.append((position, sharding.global_batch(batch, self._mesh)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._fill()
+    if not self._queue:
+      raise StopIteration
+    _, batch = self._queue.popleft()
+    self._fill()   # the next batch's copy starts now, while the caller's step runs
+    return batch
+
+  def get_state(self) -> bytes:
+    position = self._queue[0][0] if self._queue else self._position()
+    return position if isinstance(position, bytes) else json.dumps(position, indent=4).encode()
+
+  def close(self):
+    self._queue.clear()
+    if hasattr(self._it, "close"):
+      self._it.close()

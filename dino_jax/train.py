@@ -102,11 +102,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bar = tqdm(total=stop_at, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
   t0, n0 = time.perf_counter(), start
   step = start
+  # Batches go to the device two steps ahead; the checkpoint records the position of the next unused one.
+  batches = steps.DevicePrefetch(data_iter, mesh, size=config.data.device_prefetch)
   try:
     while step < stop_at:
-      batch = sharding.global_batch(next(data_iter), mesh)
       profiler.before(step + 1)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(batches))
       step += 1
       profiler.after(step, state)
       monitor.progress(step)
@@ -130,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         scalars = online(state)
         writer.write_scalars(step, {"epoch": step / steps_per_epoch, **scalars})
         bar.write(online_knn.describe(step / steps_per_epoch, scalars))
-      checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)
+      checkpoints.save(step, state, data_iterator=batches, config=config, force=done)
       if stop.requested:
         break
   except BaseException as e:
@@ -143,8 +144,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     monitor.stop()
     bar.close()
     checkpoints.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
+    batches.close()
   if stop.requested and step < stop_at:
     faults.log_summary(bad_files.stop(), state)
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)

@@ -45,14 +45,20 @@ def M(id, path, old, new, tests, what):
 
 MUTANTS = [
     # ---- losses ----------------------------------------------------------------------------------------------------
-    M("L01", "dino_jax/losses/dino.py", "jnp.where(same_view, 0.0, ce)", "ce",
+    M("L01", "dino_jax/losses/dino.py", "np.where(same_view, 0.0, 1.0 / (num_global * n_crops - num_global))",
+      "np.full(same_view.shape, 1.0 / (num_global * n_crops - num_global))",
       "tests/test_dino_loss.py", "DINO loss keeps the same-view pairs"),
     M("L02", "dino_jax/losses/dino.py", "return center * momentum + batch_center * (1.0 - momentum)",
       "return center * (1.0 - momentum) + batch_center * momentum",
       "tests/test_dino_loss.py", "centre EMA with the momentum swapped"),
-    M("L03", "dino_jax/losses/dino.py", "student_logits.astype(jnp.float32) / student_temp",
-      "student_logits.astype(jnp.float32) / 0.1", "tests/test_dino_loss.py tests/test_dino_step.py",
+    M("L03", "dino_jax/losses/dino.py", "float(student_temp))", "0.1)", "tests/test_dino_loss.py tests/test_dino_step.py",
       "student temperature ignored (the default 0.1 used)"),
+    M("L10", "dino_jax/losses/dino.py", "p = jnp.exp(student.astype(jnp.float32) / temp - lse[..., None])",
+      "p = jnp.exp(student.astype(jnp.float32) - lse[..., None])", "tests/test_fused_loss.py",
+      "the loss's hand-written backward forgets the temperature in the softmax"),
+    M("L11", "dino_jax/losses/dino.py", "jax.nn.softmax(logits, axis=-1))",
+      "jax.nn.softmax(logits.astype(jnp.bfloat16), axis=-1))", "tests/test_dtype_policy.py",
+      "the teacher's softmax in bf16 (the dtype policy says float32)"),
     M("L04", "dino_jax/losses/dino.py", "frac = epoch / max(warmup_epochs - 1, 1)", "frac = epoch / warmup_epochs",
       "tests/test_dino_loss.py", "teacher-temperature warm-up off by one epoch"),
     M("L05", "dino_jax/losses/sinkhorn.py", "q = jax.lax.fori_loop(0, num_iters, normalise, q)",

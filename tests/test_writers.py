@@ -39,7 +39,7 @@ def test_run_logs_to_tensorboard_and_online_knn_at_each_epoch(tmp_path):
                                "eval.compare_random_init": False,
                                "eval.online_train_samples": 64, "eval.online_test_samples": 40})
   out = train.train_and_evaluate(c, str(tmp_path))
-  rows = run_metrics(tmp_path)
+  rows = run_metrics(tmp_path, train_only=False)
   knn_rows = [r for r in rows if "knn/k5/top1" in r]
   assert [r["step"] for r in knn_rows] == [2, 4] and [r["epoch"] for r in knn_rows] == [1.0, 2.0]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

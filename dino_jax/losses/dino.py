@@ -6,8 +6,11 @@ official code does with `dist.all_reduce` in `update_center`.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def dino_loss(student_logits, teacher_logits, center, *, student_temp=0.1, teacher_temp=0.04,
@@ -35,18 +38,52 @@ def dino_loss(student_logits, teacher_logits, center, *, student_temp=0.1, teach
     raise ValueError(f"student rows {n_total} and teacher rows {teacher_logits.shape[0]} are not multiples of "
                      f"the batch {batch} (num_global={num_global})")
   n_crops = n_total // batch
-  student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-  student = student.reshape(n_crops, batch, -1)
   if teacher_probs is None:
     teacher_probs = teacher_targets(teacher_logits, center, teacher_temp)
   teacher = jax.lax.stop_gradient(teacher_probs.astype(jnp.float32)).reshape(num_global, batch, -1)
+  return _pair_cross_entropy(student_logits.reshape(n_crops, batch, -1), teacher, float(student_temp))
 
-  # ce[t, s] = mean_b sum_k -q_t log p_s: every (teacher view, student view) pair in one contraction.
-  ce = -jnp.einsum("tbk,sbk->ts", teacher, student) / batch
-  # Pairs where student and teacher see the same view are skipped (official `if v == iq: continue`).
-  same_view = jnp.arange(num_global)[:, None] == jnp.arange(n_crops)[None, :]
-  n_terms = num_global * n_crops - num_global
-  return jnp.sum(jnp.where(same_view, 0.0, ce)) / n_terms
+
+def _pair_weights(num_global, n_crops):
+  """[num_global, n_crops] 1/n_terms for pairs of different views, 0 where student and teacher see the same view
+  (the official `if v == iq: continue`)."""
+  same_view = np.arange(num_global)[:, None] == np.arange(n_crops)[None, :]
+  return np.where(same_view, 0.0, 1.0 / (num_global * n_crops - num_global)).astype(np.float32)
+
+
+# The cross-entropy over crop pairs with a hand-written backward. With log p_s = z_s - lse(z_s), z = logits / temp:
+#   loss = sum_ts w_ts (-1/B) sum_b [<q_tb, z_sb> - lse(z_sb) Q_tb],  Q_tb = sum_k q_tbk,
+#   dloss/dz_sb = -(1/B) (W_sb - (sum_k W_sbk) softmax(z_sb)),  W_s = sum_t w_ts q_t.
+# The forward never forms log_softmax (one fused pass for lse, one contraction), and the backward keeps only the
+# logits it was given and lse [n_crops, B]: autodiff of log_softmax + einsum kept three float32 [n_crops*B, K] arrays
+# (z, exp(z - max) and log p).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pair_cross_entropy(student, teacher, temp):
+  return _pair_ce_fwd(student, teacher, temp)[0]
+
+
+def _pair_ce_fwd(student, teacher, temp):
+  n_crops, batch = student.shape[:2]
+  w = _pair_weights(teacher.shape[0], n_crops)
+  z = student.astype(jnp.float32) / temp
+  lse = jax.nn.logsumexp(z, axis=-1)                                       # [S, B]
+  dots = jnp.einsum("tbk,sbk->ts", teacher, z)
+  mass = jnp.sum(teacher, axis=-1)                                          # [T, B]
+  ce = -(dots - jnp.einsum("tb,sb->ts", mass, lse)) / batch
+  return jnp.sum(w * ce), (student, teacher, lse)
+
+
+def _pair_ce_bwd(temp, res, g):
+  student, teacher, lse = res
+  n_crops, batch = student.shape[:2]
+  w = jnp.asarray(_pair_weights(teacher.shape[0], n_crops))
+  wq = jnp.einsum("ts,tbk->sbk", w, teacher)                                # W_s
+  p = jnp.exp(student.astype(jnp.float32) / temp - lse[..., None])
+  dz = -(wq - jnp.sum(wq, axis=-1, keepdims=True) * p) * (g / batch)
+  return (dz / temp).astype(student.dtype), jnp.zeros_like(teacher)
+
+
+_pair_cross_entropy.defvjp(_pair_ce_fwd, _pair_ce_bwd)
 
 
 def teacher_targets(teacher_logits, center, teacher_temp):

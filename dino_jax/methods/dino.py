@@ -11,6 +11,7 @@ One iteration, as main_dino.py `train_one_epoch` does it (on crops already augme
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,14 +76,8 @@ def update(state, crops, key, *, graphdef, tx, schedules, config):
     targets = losses.teacher_targets(teacher_logits, center, teacher_temp)
 
   # ---- student ------------------------------------------------------------------------------------------------------
-  def loss_fn(params):
-    model = models.merge(graphdef, params, state.batch_stats)
-    logits = model(crops, rng=key, train=True)
-    loss = losses.dino_loss(logits, teacher_logits, center, student_temp=loss_cfg.student_temp,
-                            num_global=config.crops.global_number, teacher_probs=targets)
-    _, _, stats = models.split(model)
-    return loss, (logits, stats)
-
+  loss_fn = functools.partial(student_loss, graphdef=graphdef, batch_stats=state.batch_stats, crops=crops, key=key,
+                              targets=targets, config=config)
   (loss, (student_logits, student_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -97,6 +92,16 @@ def update(state, crops, key, *, graphdef, tx, schedules, config):
              **collapse_metrics(student_logits[: targets.shape[0]], targets, new_center,
                                 student_temp=loss_cfg.student_temp)}
   return new, metrics
+
+
+def student_loss(params, *, graphdef, batch_stats, crops, key, targets, config):
+  """(loss, (student logits, new batch stats)) of the student on the crops against the teacher's targets."""
+  model = models.merge(graphdef, params, batch_stats)
+  logits = model(crops, rng=key, train=True)
+  loss = losses.dino_loss(logits, targets, None, student_temp=config.loss.student_temp,
+                          num_global=config.crops.global_number, teacher_probs=targets)
+  _, _, stats = models.split(model)
+  return loss, (logits, stats)
 
 
 def collapse_metrics(student_logits, teacher_probs, center, *, student_temp):

@@ -4,7 +4,7 @@ from flax import nnx
 
 from dino_jax.models.heads import DINOHead, SwAVHead
 from dino_jax.models.resnet import ResNet, resnet50
-from dino_jax.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
+from dino_jax.models.vit import REMAT_POLICIES, VisionTransformer, vit_base, vit_small, vit_tiny
 from dino_jax.models.wrapper import MultiCropWrapper
 
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
@@ -38,7 +38,7 @@ def backbone_from_config(model_config, rngs, *, student: bool):
   """The backbone `config.model` names; stochastic depth only on the student (official)."""
   m = model_config
   return build_backbone(m.arch, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate if student else 0.0,
-                        dtype=compute_dtype(m), rngs=rngs, **dict(m.overrides))
+                        dtype=compute_dtype(m), rngs=rngs, remat=m.get("remat", "none"), **dict(m.overrides))
 
 
 def with_head(model_config, rngs, head):

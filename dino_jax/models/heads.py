@@ -12,10 +12,12 @@ class WeightNormLinear(nnx.Module):
   `v` has the Flax layout (in, out), so each output unit is normalised over axis 0 (its inputs).
   With `fixed_gain` g is the constant 1 and not a parameter (DINO's `norm_last_layer`); otherwise
   `g` is a Param of shape (1, out), 2-D like the official [out, 1] `weight_g` (so it is
-  weight-decayed, as the official parameter groups do). Computed in float32.
+  weight-decayed, as the official parameter groups do). The normalisation is float32; the matmul runs in `dtype`
+  with float32 accumulation and a float32 result (the [crops * B, 65536] logits feed the float32 loss).
   """
 
-  def __init__(self, in_features, out_features, *, fixed_gain, rngs):
+  def __init__(self, in_features, out_features, *, fixed_gain, dtype=jnp.float32, rngs):
+    self.dtype = dtype
     # Created after the official `_init_weights` ran: PyTorch's default Linear init.
     self.v = nnx.Param(torch_default_kernel(rngs.params(), (in_features, out_features), jnp.float32))
     self.g = None if fixed_gain else nnx.Param(jnp.ones((1, out_features), jnp.float32))
@@ -25,7 +27,7 @@ class WeightNormLinear(nnx.Module):
     w = v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
     if self.g is not None:
       w = w * self.g[...]
-    return jnp.dot(x.astype(jnp.float32), w)
+    return jnp.dot(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
 class DINOHead(nnx.Module):
@@ -46,7 +48,7 @@ class DINOHead(nnx.Module):
       if use_bn and i < nlayers - 1:
         layers.append(BatchNorm(d_out, dtype=dtype))
     self.mlp = nnx.List(layers)
-    self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer, rngs=rngs)
+    self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, train=False):
     """x: [B, in_dim] -> logits [B, out_dim] in float32. `train` drives the BatchNorms."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dino_jax.models.layers import BatchNorm, kaiming_normal_fan_out
+from dino_jax.models.vit import remat_call
 
 
 def _conv(c_in, c_out, kernel, stride, padding, dtype, rngs):
@@ -52,8 +53,9 @@ class ResNet(nnx.Module):
   mesh) and updates the running ones; `rng` is unused (no stochastic depth in torchvision's ResNet).
   """
 
-  def __init__(self, layers=(3, 4, 6, 3), *, width=64, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.dtype = dtype
+  def __init__(self, layers=(3, 4, 6, 3), *, width=64, dtype=jnp.float32, remat="none", rngs: nnx.Rngs):
+    remat_call(remat)  # refuses an unknown policy now
+    self.dtype, self.remat = dtype, remat
     self.num_features = self.embed_dim = width * 8 * Bottleneck.expansion
     self.conv1 = _conv(3, width, 7, 2, 3, dtype, rngs)
     self.bn1 = BatchNorm(width, dtype=dtype)
@@ -75,9 +77,11 @@ class ResNet(nnx.Module):
   def __call__(self, x, *, rng=None, train=False):
     del rng
     x = self.stem(x, train=train)
+    # Each bottleneck block under the remat policy (`train` is static: it picks the BatchNorm path).
+    call = remat_call(self.remat, train=train)
     for i in range(self.num_stages):
       for block in getattr(self, f"layer{i + 1}"):
-        x = block(x, train=train)
+        x = call(block, x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

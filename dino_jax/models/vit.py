@@ -10,6 +10,9 @@ cls token and positional embedding promote it, bf16 branch outputs are added to 
 what PyTorch autocast does in the official fp16 training; LayerNorm statistics and the attention
 softmax are fp32.
 
+Rematerialisation: `remat` ('none', 'block', 'dots'; `REMAT_POLICIES`) puts each block under `jax.checkpoint`, so the backward
+recomputes the block's forward instead of keeping its activations; the numbers are the same (tests/test_remat.py).
+
 Attention: `attention_impl=None` (the default) picks cuDNN flash attention at trace time on a GPU
 in bf16/fp16 and XLA elsewhere (`resolve_attention_impl`); 'xla' or 'cudnn' force one.
 """
@@ -73,6 +76,37 @@ def padded_attention(q, k, v, *, implementation, scale=None, multiple=8):
 
 
 _FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
+
+# What a rematerialised block keeps for its backward: 'none' no remat (everything), 'block' nothing (the whole block is
+# recomputed: one more forward of the backbone), 'dots' the outputs of the matmuls without batch dimensions (the
+# qkv/proj/fc1/fc2 2-D matmuls; attention scores, softmax, GELU and LayerNorm are recomputed).
+REMAT_POLICIES = {"none": None, "block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_call(remat, **static):
+  """f(module, *args) -> module(*args, **static), its backward recomputing the forward as the policy named by `remat`
+  says (REMAT_POLICIES). `static` are Python values closed over (e.g. BatchNorm's `train`), not traced.
+
+  Written over `jax.checkpoint` on the module split into (graph, state): BatchNorm statistics updated inside come out
+  as outputs and are written back (an `nnx.remat`-wrapped BatchNorm refuses to mutate its statistics in flax 0.12).
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  if remat == "none":
+    return lambda module, *args: module(*args, **static)
+
+  def call(module, *args):
+    graphdef, state = nnx.split(module)
+
+    def forward(state, *args):
+      inner = nnx.merge(graphdef, state)
+      return inner(*args, **static), nnx.state(inner, nnx.BatchStat)
+
+    out, stats = jax.checkpoint(forward, policy=REMAT_POLICIES[remat])(state, *args)
+    nnx.update(module, stats)
+    return out
+
+  return call
 
 
 def resolve_attention_impl(impl, dtype, head_dim, backend=None):
@@ -208,12 +242,14 @@ class VisionTransformer(nnx.Module):
   """ViT backbone returning the normalised cls token ([B, embed_dim]) for NHWC images."""
 
   def __init__(self, *, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True,
-               drop_path_rate=0.0, img_size=224, dtype=jnp.float32, attention_impl=None, rngs: nnx.Rngs):
+               drop_path_rate=0.0, img_size=224, dtype=jnp.float32, attention_impl=None, remat="none",
+               rngs: nnx.Rngs):
     if embed_dim % num_heads:
       raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
     if attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {attention_impl!r}")
-    self.patch_size, self.dtype = patch_size, dtype
+    remat_call(remat)  # refuses an unknown policy now rather than at trace time
+    self.patch_size, self.dtype, self.remat = patch_size, dtype, remat
     self.embed_dim = self.num_features = embed_dim
     self.grid = img_size // patch_size
     self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype, rngs)
@@ -261,8 +297,9 @@ class VisionTransformer(nnx.Module):
     """x: [B, H, W, 3] normalised images. rng: key for stochastic depth (None: no drop-path)."""
     del train  # no train-mode-only layers in a ViT; accepted so all backbones share a signature
     x = self.prepare_tokens(x)
+    call = remat_call(self.remat)
     for i, blk in enumerate(self.blocks):
-      x = blk(x, None if rng is None else jax.random.fold_in(rng, i))
+      x = call(blk, x, None if rng is None else jax.random.fold_in(rng, i))
     return self.norm(x)[:, 0]
 
   def get_intermediate_layers(self, x, n=1):
