@@ -17,8 +17,8 @@ def get_config(arg=None):
 
 def sweep():
   return [
-      {"model.overrides.embed_dim": 128, "model.overrides.num_heads": 4, "seed": 0},       # width 64 -> 128
       {"crops.global_scale": (0.8, 1.0), "crops.local_scale": (0.3, 0.8), "seed": 0},       # milder crops
       {"loss.teacher_temp": 0.07, "loss.warmup_teacher_temp_epochs": 10, "seed": 0},       # 0.04 -> 0.07
+      {"model.overrides.embed_dim": 128, "model.overrides.num_heads": 4, "seed": 0},       # width 64 -> 128
       {"epochs": 160, "seed": 0},                                                          # 80 -> 160 epochs
   ]

@@ -105,7 +105,7 @@ def collect(sweep_dir: str, names: list[str] | None = None) -> dict:
 
 
 def _cell(s, digits):
-  if s["n"] == 1:
+  if s["n"] == 1 or s["std"] == 0:   # one seed, or a baseline that does not depend on it
     return f"{s['mean']:.{digits}f}"
   lo, hi = s["ci95"]
   return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -196,6 +196,7 @@ def plot(table: dict, out_dir: str, title: str = "") -> list[str]:
         xs = [r["values"][(model, m)] for r in done if (model, m) in r["values"]]
         if xs:
           ax.axhline(np.mean(xs), color="grey", ls=style, lw=1, label=f"{MODEL_LABELS[model]} {np.mean(xs):.1f}")
+      ax.set_xlim(-0.6, len(table["settings"]) - 0.4)
       ax.set_xticks(range(len(table["settings"])), table["settings"], rotation=30, ha="right", fontsize=7)
       ax.set_title(f"{m.replace('knn', 'k-NN top-1 (%),')}", fontsize=9)
       ax.legend(fontsize=7, loc="lower right")
