@@ -46,9 +46,9 @@ $PY -c "import jax, flax, grain, ml_collections; print('jax', jax.__version__, j
 
 # ---- GPU-only tests: cuDNN attention against XLA (bf16), the bf16 step's loss against the fp32 step's ----------
 if [ $SMOKE = 1 ]; then
-  step gpu_tests 300 env DINO_JAX_GPU_TESTS_ON_CPU=1 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step gpu_tests 300 env DINO_JAX_GPU_TESTS_ON_CPU=1 $PY -m pytest -q -p no:cacheprovider tests/gpu_checks.py
 else
-  step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider tests/gpu_checks.py
 fi
 
 # ---- training-step benchmarks: ours and the official step (fp16 autocast, as its --use_fp16) --------------------

@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped elsewhere; experiments/device_check.sh runs them on the GPU machine):
+"""GPU-only checks, outside the default test run (the file name does not start with test_); experiments/device_check.sh
+runs them on the GPU machine:
 cuDNN flash attention against XLA's attention in bf16 on ViT-S/16 shapes, and the bf16 training step's loss against
 the float32 step's on the same weights and batch. DINO_JAX_GPU_TESTS_ON_CPU=1 runs the second on a CPU (a check of
 the test itself)."""
