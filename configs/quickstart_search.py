@@ -1,6 +1,7 @@
 r"""A small search over the DINO quickstart for features that beat the raw pixels (README.md, "Sweeps").
 
   python -m dino_jax.sweep --config=configs/quickstart_search.py --results=experiments/results/sweep_quickstart_search
+  python -m dino_jax.train --config=configs/quickstart_search.py --workdir=runs/x    # its base run alone
 
 The same weighted k-NN (T = 0.07) on the raw pixels of the test digits at the evaluation's 16 x 16 reaches 97.8 % /
 97.2 % (k = 10 / 20; `python -m dino_jax.evaluate.pixels --config=configs/quickstart.py`); the quickstart's teacher

@@ -10,6 +10,7 @@ TensorBoard files are written with tensorboardX (no TensorFlow needed); W&B is t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 
@@ -93,7 +94,18 @@ class TensorBoardWriter:
       self.writer.add_image(key, np.asarray(image), int(step), dataformats="HWC")
 
   def close(self):
-    self.writer.close()
+    writers = dict(self.writer.all_writers or {})
+    try:
+      self.writer.close()
+    except OSError as e:
+      # A full or read-only disk: the event file is lost, metrics.jsonl says why the run stopped. Mark tensorboardX's
+      # event writers closed so that its exit hook does not retry and print a traceback per writer.
+      logging.info("TensorBoard event file not written: %s", e)
+      for fw in writers.values():
+        ev = fw.event_writer
+        worker, ev._worker, ev._closed = getattr(ev, "_worker", None), None, True
+        if worker is not None:
+          worker._queue.put(worker._shutdown_signal)
 
 
 class WandbWriter:

@@ -81,10 +81,11 @@ def assert_drift_matches(where, mine, theirs, start, *, tol, rounding):
 
 def pipeline_config(batch_size, *, data=None, crops=None, seed=0):
   """The DINO defaults' `data` and `crops` (configs/common.py, the one source of defaults) with test overrides, for
-  the input-pipeline tests that need no model."""
+  the input-pipeline tests that need no model; crops cut on the CPU (the path these tests read) unless `data`
+  says otherwise."""
   from configs import common  # noqa: PLC0415
   c = common.dino_defaults()
   c.batch_size, c.seed = batch_size, seed
-  c.data.update({"source": "unused", "num_workers": 0, **(data or {})})
+  c.data.update({"source": "unused", "num_workers": 0, "crop_on": "cpu", **(data or {})})
   c.crops.update(crops or {})
   return c

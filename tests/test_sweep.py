@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dino_jax.sweep import collect, grid, launch
-from dino_jax.sweep.__main__ import plan
+from dino_jax.sweep.launch import plan
 from tests.helpers import ROOT, recipe
 
 TINY = os.path.join(ROOT, "tests", "configs", "quickstart_test.py")

@@ -14,14 +14,13 @@ sweep's workdir by default).
 """
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import sys
 
 from absl import app, flags
 
 from dino_jax.sweep import collect, grid, launch
+from dino_jax.sweep.launch import plan
 
 _CONFIG = flags.DEFINE_string("config", None, "Recipe file (configs/x.py, or configs/x.py:arg).", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory (default runs/sweeps/<recipe>).")
@@ -45,27 +44,6 @@ _SLURM_TIMEOUT = flags.DEFINE_integer("slurm_timeout_min", 60 * 24, "Job time li
                                       "and resumes.")
 _SLURM_PARALLEL = flags.DEFINE_integer("slurm_array_parallelism", 64, "Jobs of the array running at once.")
 _SLURM_WAIT = flags.DEFINE_bool("slurm_wait", False, "Wait for the jobs (then collect).")
-
-
-def plan(config_arg: str, sweep_dir: str, grid_specs: list[str], python: str = sys.executable) -> list[launch.Run]:
-  """The sweep's runs, each workdir prepared with overrides.json, config.json (the full config it trains with) and
-  command.sh."""
-  from dino_jax.checkpoint import config_to_dict  # noqa: PLC0415
-  module, arg = grid.load_config_module(config_arg)
-  runs = []
-  for overrides in grid.expand(module, arg, grid_specs):
-    workdir = os.path.join(sweep_dir, grid.run_name(overrides))
-    config = grid.resolve(config_arg, overrides)     # fails here on an unknown key or a bad type
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "overrides.json"), "w") as f:
-      json.dump(overrides, f, indent=1)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_to_dict(config), f, indent=1)
-    command = launch.train_command(config_arg, workdir, overrides, python)
-    with open(os.path.join(workdir, "command.sh"), "w") as f:
-      f.write(" ".join(shlex.quote(c) for c in command) + "\n")
-    runs.append(launch.Run(workdir=workdir, command=command, cwd=os.getcwd()))
-  return runs
 
 
 def main(argv):

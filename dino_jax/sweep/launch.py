@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -141,3 +142,24 @@ def slurm(runs: list[Run], folder: str, *, cluster: str | None = None, wait: boo
     for j in jobs:
       j.result()
   return jobs
+
+
+def plan(config_arg: str, sweep_dir: str, grid_specs: list[str], python: str = sys.executable) -> list[Run]:
+  """The sweep's runs, each workdir prepared with overrides.json, config.json (the full config it trains with) and
+  command.sh."""
+  from dino_jax.checkpoint import config_to_dict  # noqa: PLC0415
+  module, arg = grid.load_config_module(config_arg)
+  runs = []
+  for overrides in grid.expand(module, arg, grid_specs):
+    workdir = os.path.join(sweep_dir, grid.run_name(overrides))
+    config = grid.resolve(config_arg, overrides)     # fails here on an unknown key or a bad type
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "overrides.json"), "w") as f:
+      json.dump(overrides, f, indent=1)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_to_dict(config), f, indent=1)
+    command = train_command(config_arg, workdir, overrides, python)
+    with open(os.path.join(workdir, "command.sh"), "w") as f:
+      f.write(" ".join(shlex.quote(c) for c in command) + "\n")
+    runs.append(Run(workdir=workdir, command=command, cwd=os.getcwd()))
+  return runs
