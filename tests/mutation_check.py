@@ -3,6 +3,7 @@ r"""Plant plausible one-line bugs and check that the tests that claim to guard e
   python tests/mutation_check.py                 # every mutant; writes experiments/results/mutation_check.{md,json}
   python tests/mutation_check.py --only=M07,M12  # some of them
   python tests/mutation_check.py --list          # the list, nothing run
+  python tests/mutation_check.py --only=M07 --update   # rerun some, replacing their rows in the written results
 
 Each mutant replaces one exact piece of code (it must occur exactly once in its file, so a mutant that no longer fits
 the code is reported as stale rather than silently skipped) in a temporary copy of the tracked tree, then runs the
@@ -221,8 +222,8 @@ MUTANTS = [
       "teacher=jax.tree.map(jnp.zeros_like, params) if has_teacher else None",
       "tests/test_train.py::test_two_step_run_writes_metrics_checkpoint_and_evaluates tests/test_convert.py",
       "the teacher does not start from the student's weights"),
-    M("T01", "dino_jax/train.py", "      checkpoints.save(step, state, data_iterator=data_iter, config=config, force=done)",
-      "      checkpoints.save(step, state, data_iterator=data_iter, config=config, force=False)",
+    M("T01", "dino_jax/train.py", "      checkpoints.save(step, state, data_iterator=batches, config=config, force=done)",
+      "      checkpoints.save(step, state, data_iterator=batches, config=config, force=False)",
       "tests/test_train.py", "the last step is not saved unless it falls on the interval"),
 ]
 
@@ -277,6 +278,7 @@ def main(argv=None):
   ap.add_argument("--only", default="", help="comma-separated mutant ids")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--timeout", type=int, default=900)
+  ap.add_argument("--update", action="store_true", help="with --only: replace those mutants' rows in the results")
   ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "mutation_check"))
   args = ap.parse_args(argv)
   chosen = [m for m in MUTANTS if not args.only or m.id in args.only.split(",")]
@@ -297,6 +299,17 @@ def main(argv=None):
   print(summary)
   if not args.only:
     _write(args.out, results, summary)
+  elif args.update:
+    with open(args.out + ".json") as f:
+      previous = {r["id"]: r for r in json.load(f)["mutants"]}
+    for r in results:
+      r["rerun"] = time.strftime("%Y-%m-%d %H:%M")
+    fresh = {r["id"]: r for r in results}
+    merged = [fresh.get(m.id, previous.get(m.id)) for m in MUTANTS if m.id in fresh or m.id in previous]
+    caught = sum(r["result"] == "caught" for r in merged)
+    summary = f"{caught} of {len(merged)} planted bugs caught"
+    print("all results:", summary)
+    _write(args.out, merged, summary)
   return 0 if caught == len(results) else 1
 
 
@@ -312,8 +325,12 @@ def _write(prefix, results, summary):
            "| id | module | planted bug | guarding tests | result | s |", "|---|---|---|---|---|---|"]
   for r in results:
     tests = ", ".join(t.replace("tests/", "") for t in r["tests"])
-    lines.append(f"| {r['id']} | `{r['path'].replace('dino_jax/', '')}` | {r['what']} | {tests} | {r['result']} | "
+    mark = " (rerun)" if r.get("rerun") else ""
+    lines.append(f"| {r['id']} | `{r['path'].replace('dino_jax/', '')}` | {r['what']} | {tests} | {r['result']}{mark} | "
                  f"{r['seconds']:.0f} |")
+  if any(r.get("rerun") for r in results):
+    lines += ["", "(rerun): run again with `--only=... --update` after a later change to its module or its tests; the "
+              "other rows are from the full run of the date above."]
   with open(prefix + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
 
