@@ -33,7 +33,7 @@ quickstart: install
 	$(PY) -m dino_jax.train --config=configs/quickstart.py --workdir=$(WORKDIR)
 
 test: install-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # CI step: the installed package trains from another directory (one step of a shrunk quickstart, then its k-NN).
 install-check: install

@@ -12,7 +12,9 @@ compare_pytorch = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare_pytorch)
 
 
-@pytest.mark.parametrize("method", ["dino", "swav"])
+# DINO only in the suite (its time budget); the SwAV harness runs the same code with its own metric, and SwAV's step
+# parity is tests/test_swav_step.py's. `python experiments/compare_pytorch.py --method=swav` gives the committed table.
+@pytest.mark.parametrize("method", ["dino"])
 def test_compare_follows_the_reference(method, tmp_path):
   overrides = {"model.drop_path_rate": 0.0, "optim.warmup_epochs": 1, "epochs": 3}
   if method == "dino":
