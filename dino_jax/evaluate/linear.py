@@ -114,8 +114,11 @@ def _probe_geometry(config, lin, image_size):
   return c
 
 
-def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress=None) -> dict:
+def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress=None, feature_fn=None) -> dict:
   """Trains the official linear classifier on config.eval.train_source and validates on config.eval.test_source.
+
+  `feature_fn(params, stats, uint8 images) -> [B, D]` replaces the backbone's probe features (the raw pixels of
+  evaluate.pixels: the baseline a table's features must beat).
 
   Returns {'top1', 'top5' (after the last epoch), 'top1_best' (the official report), 'epochs', 'lr', 'batch_size',
   'n_last_blocks', 'avgpool', 'feature_dim', 'history': [{'epoch', 'lr' (the classifier's lr in that epoch),
@@ -138,6 +141,9 @@ def linear_probe(config, backbone_params, backbone_stats, *, mesh=None, progress
   def features(params, stats, images):
     model = nnx.merge(graphdef, params, stats)
     return probe_features(model, feats_lib.normalize_images(images, mean, std, dtype), **kw)
+
+  if feature_fn is not None:
+    features = feature_fn
 
   test_f, test_y = feats_lib.extract_features(features, backbone_params, backbone_stats, test_src,
                                               image_size=e.image_size, resize_size=e.resize_size,

@@ -74,17 +74,22 @@ def evaluate_state(config, state, *, mesh=None, compare_random_init=False) -> di
 
 
 def linear_probe_state(config, state, *, mesh=None, compare_random_init=False) -> dict:
-  """The official linear probe on the teacher's backbone (and optionally on the architecture at random init)."""
-  return {name: linear.linear_probe(config, params, stats, mesh=mesh,
-                                    progress=progress(f"linear probe, {name.replace('_', ' ')}"))
-          for name, (params, stats) in backbones(config, state, compare_random_init).items()}
+  """The official linear probe on the teacher's backbone (and with `compare_random_init` on the architecture at
+  random init and on the raw pixels, the two baselines its features must beat)."""
+  out = {name: linear.linear_probe(config, params, stats, mesh=mesh,
+                                   progress=progress(f"linear probe, {name.replace('_', ' ')}"))
+         for name, (params, stats) in backbones(config, state, compare_random_init).items()}
+  if compare_random_init:
+    out["pixels"] = linear.linear_probe(config, {}, {}, mesh=mesh, progress=progress("linear probe, pixels"),
+                                        feature_fn=pixels.make_pixel_fn(config.aug.mean, config.aug.std))
+  return out
 
 
 def format_linear(results: dict) -> str:
   """One row per model: top-1 after the last epoch, the best over the validations (the official report), top-5."""
   head = f"{'linear probe (%)':<16}{'top-1':>10}{'best top-1':>12}{'top-5':>10}"
   lines = [head, "-" * len(head)]
-  for m in ("teacher", "random_init"):
+  for m in ("teacher", "random_init", "pixels"):
     if m in results:
       r = results[m]
       lines.append(f"{m:<16}{r['top1']:>10.2f}{r['top1_best']:>12.2f}{r['top5']:>10.2f}")
