@@ -10,7 +10,9 @@ the differing keys named, since the parameters would not fit.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -20,6 +22,7 @@ import time
 
 import grain
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -183,7 +186,12 @@ class Checkpoints:
         raise _ArchitectureMismatch(
             f"checkpoint {self.directory}/{step} was written by a different model; refusing to resume:\n  " +
             "\n  ".join(diffs) + "\nUse another --workdir or the same config.")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    missing = self._fields_added_since(step, abstract_state)
+    target = abstract_state
+    if missing:   # written before these fields existed: restore the others, fill these with their initial values
+      target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+                if f.name not in missing}
+    items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       data_file = os.path.join(self.directory, str(step), "data",
                                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -195,7 +203,27 @@ class Checkpoints:
                         jax.process_count())
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored %s at step %d", self.directory, step)
-    return restored.state
+    if not missing:
+      return restored.state
+    from dino_jax import state as state_lib  # noqa: PLC0415
+    logging.info("checkpoint %s/%d predates %s: restored with their initial values", self.directory, step,
+                 ", ".join(missing))
+    filled = {name: jax.device_put(np.full(getattr(abstract_state, name).shape, state_lib.ADDED_FIELDS[name],
+                                           getattr(abstract_state, name).dtype),
+                                   getattr(abstract_state, name).sharding) for name in missing}
+    return type(abstract_state)(**restored.state, **filled)
+
+  def _fields_added_since(self, step, abstract_state):
+    """The TrainState fields of state.ADDED_FIELDS that checkpoint `step` does not hold (read from its metadata)."""
+    from dino_jax import state as state_lib  # noqa: PLC0415
+    if not dataclasses.is_dataclass(abstract_state):
+      return []
+    try:
+      with open(os.path.join(self.directory, str(step), "state", "_METADATA")) as f:
+        saved = {ast.literal_eval(key)[0] for key in json.load(f)["tree_metadata"]}
+    except (OSError, ValueError, KeyError, SyntaxError, IndexError):
+      return []   # unreadable metadata: the restore itself reports what is wrong
+    return [name for name in state_lib.ADDED_FIELDS if name not in saved and hasattr(abstract_state, name)]
 
   def save(self, step: int, state, *, data_iterator=None, config=None, force: bool = False) -> bool:
     """Starts an asynchronous save of `step` when it is a multiple of `every_steps` or `force` (the last step, a

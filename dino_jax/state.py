@@ -33,6 +33,11 @@ class TrainState(struct.PyTreeNode):
   skipped_total: jax.Array        # ... and all steps skipped so far (int32)
 
 
+# Fields added to TrainState after checkpoints were written with it, and the value such a checkpoint restores them
+# with (dino_jax.checkpoint fills them in; an older run resumes instead of being refused).
+ADDED_FIELDS = {"skipped_streak": 0, "skipped_total": 0}
+
+
 split_model, merge_model = models.split, models.merge
 
 

@@ -1,10 +1,12 @@
 """Faults that must not cost a run, reproduced for real: damaged checkpoint files, unreadable images in every
 dataset of a run, a non-finite step under loss.on_nonfinite='skip'."""
+import dataclasses
 import glob
 import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +30,25 @@ def _truncate_largest(step_dir):
 def _tree(value):
   w = np.random.default_rng(int(value)).standard_normal((128, 128)).astype(np.float32)   # incompressible
   return {"w": w, "b": np.arange(8, dtype=np.int32) + int(value)}
+
+
+def test_a_checkpoint_written_before_a_state_field_existed_resumes(tmp_path):
+  """A run checkpointed by an earlier version (no skipped_streak / skipped_total in its TrainState) restores with
+  those fields at their initial values, every other leaf as saved: not moved aside as unreadable."""
+  from dino_jax import state as state_lib  # noqa: PLC0415
+  run = state_lib.build_run(recipe("quickstart"))
+  state = jax.jit(run.init)()
+  state = state.replace(step=jnp.asarray(7, jnp.int32), method_state={"center": jnp.full([64], 0.5, jnp.float32)})
+  old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in state_lib.ADDED_FIELDS}
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path), every_steps=1, async_save=False)
+  checkpoints.save(7, old)
+  checkpoints.wait()
+  restored = checkpoints.restore(run.abstract)
+  assert checkpoints.latest_step() == 7 and not glob.glob(str(tmp_path / "*.corrupt-*"))
+  checkpoints.close()
+  assert int(restored.skipped_streak) == 0 and int(restored.skipped_total) == 0
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves({k: getattr(restored, k) for k in old})):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_unreadable_checkpoints_are_moved_aside_newest_first(tmp_path, caplog):
