@@ -55,13 +55,15 @@ def test_recipe_sweeps_and_their_saved_configs(tmp_path):
   assert [os.path.basename(r.workdir) for r in swav] == [f"optim.lr=0.001,seed={s}" for s in range(3)]
 
 
-def _fake_run(sweep_dir, overrides, losses, knn, random_knn, pixels_knn, linear=None):
+def _fake_run(sweep_dir, overrides, losses, knn, random_knn, pixels_knn, linear=None, online=None):
   d = os.path.join(sweep_dir, grid.run_name(overrides))
   os.makedirs(d)
   json.dump(overrides, open(os.path.join(d, "overrides.json"), "w"))
   with open(os.path.join(d, "metrics.jsonl"), "w") as f:
     for step, loss in enumerate(losses, 1):
       f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+      if online is not None:   # as train.py logs it: the online k-NN's own line after the step's training line
+        f.write(json.dumps({"step": step, "epoch": float(step), "knn/k5/top1": online[step - 1]}) + "\n")
   json.dump({"teacher": {"k=10": {"top1": knn, "top5": 99.0}}, "random_init": {"k=10": {"top1": random_knn}},
              "pixels": {"k=10": {"top1": pixels_knn}}}, open(os.path.join(d, "eval.json"), "w"))
   if linear is not None:
@@ -73,7 +75,8 @@ def _fake_run(sweep_dir, overrides, losses, knn, random_knn, pixels_knn, linear=
 def test_collector_mean_std_and_interval_against_hand_values(tmp_path):
   s = str(tmp_path)
   for seed, knn, rnd, loss in ((0, 80.0, 30.0, 2.0), (1, 82.0, 31.0, 3.0), (2, 84.0, 35.0, 4.0)):
-    _fake_run(s, {"optim.lr": 1e-3, "seed": seed}, [9.0, loss], knn, rnd, 97.5, linear=knn - 10)
+    _fake_run(s, {"optim.lr": 1e-3, "seed": seed}, [9.0, loss], knn, rnd, 97.5, linear=knn - 10,
+              online=[20.0 + seed, knn - 5])
   _fake_run(s, {"optim.lr": 2e-3, "seed": 0}, [9.0, 1.5], 90.0, 33.0, 97.5)
   unfinished = _fake_run(s, {"optim.lr": 2e-3, "seed": 1}, [9.0], 10.0, 10.0, 97.5)
   os.remove(os.path.join(unfinished, grid.DONE))
@@ -93,7 +96,11 @@ def test_collector_mean_std_and_interval_against_hand_values(tmp_path):
   assert "82.00 ± 2.00 [77.03, 86.97]" in md and "optim.lr=0.002,seed=1" in md.split("Not finished")[1]
   assert md.count("raw pixels") == 1                                     # the same for every setting: one row
   paths = collect.write(table, str(tmp_path / "out"), "test")
-  assert all(os.path.getsize(p) > 0 for p in paths) and {"loss.png", "knn.png"} <= {os.path.basename(p) for p in paths}
+  assert all(os.path.getsize(p) > 0 for p in paths)
+  assert {"loss.png", "knn.png", "knn_curve.png"} <= {os.path.basename(p) for p in paths}   # k-NN over training
+  merged = collect.read_metrics(os.path.join(s, "optim.lr=0.001,seed=2"))    # a step's two lines are one row
+  assert merged == [{"step": 1, "loss": 9.0, "epoch": 1.0, "knn/k5/top1": 22.0},
+                    {"step": 2, "loss": 4.0, "epoch": 2.0, "knn/k5/top1": 79.0}]
 
 
 def _run_metrics(workdir):

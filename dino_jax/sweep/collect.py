@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -27,7 +28,8 @@ def _read_json(path):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl, the last line per step (a resumed run may log a step twice)."""
+  """metrics.jsonl, one row per step: the training line and the online k-NN line of a step merged, the later value
+  of a key winning (a resumed run may log a step twice)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -36,7 +38,7 @@ def read_metrics(workdir: str) -> list[dict]:
     for line in f:
       if line.strip():
         m = json.loads(line)
-        by_step[m["step"]] = m
+        by_step.setdefault(m["step"], {}).update(m)
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -47,7 +49,9 @@ def read_run(workdir: str) -> dict:
   metrics = read_metrics(workdir)
   values = {}
   if metrics:
-    values[(TRAINED, "loss")] = metrics[-1]["loss"]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    if losses:
+      values[(TRAINED, "loss")] = losses[-1]
   ev = _read_json(os.path.join(workdir, "eval.json")) or {}
   for model in (TRAINED, RANDOM, PIXELS):
     for k, r in (ev.get(model) or {}).items():
@@ -155,7 +159,8 @@ def write_runs_csv(table: dict, path: str):
 
 
 def plot(table: dict, out_dir: str, title: str = "") -> list[str]:
-  """loss.png: the loss per step, one colour per setting (mean over seeds, the seeds' range shaded); knn.png: each
+  """loss.png: the loss per step, one colour per setting (mean over seeds, the seeds' range shaded); knn_curve.png:
+  the online k-NN over training, the same way, when the runs logged one; knn.png: each
   run's final k-NN top-1 per setting (dots), their mean, and the baselines as lines. The files written."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -163,25 +168,36 @@ def plot(table: dict, out_dir: str, title: str = "") -> list[str]:
   done = [r for r in table["runs"] if r["status"] == "done" and r["metrics"]]
   written = []
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for i, s in enumerate(table["settings"]):
-    group = [r for r in done if r["setting"] == s]
-    if not group:
-      continue
-    steps = sorted(set.intersection(*[{m["step"] for m in r["metrics"]} for r in group]))
-    curves = np.array([[{m["step"]: m["loss"] for m in r["metrics"]}[st] for st in steps] for r in group])
-    c = colours[i % len(colours)]
-    ax.plot(steps, curves.mean(0), color=c, lw=1.2, label=f"{s} ({len(group)} seeds)")
-    if len(group) > 1:
-      ax.fill_between(steps, curves.min(0), curves.max(0), color=c, alpha=0.25, lw=0)
-  ax.set_xlabel("step")
-  ax.set_ylabel("training loss")
-  ax.set_title(title or "loss: mean over seeds, range shaded")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  written.append(os.path.join(out_dir, "loss.png"))
-  fig.savefig(written[-1], dpi=120)
-  plt.close(fig)
+  def curves(key, ylabel, name, what):
+    """One line per setting: the mean over seeds of `key` per step, the seeds' range shaded; None if no run has it."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for i, s in enumerate(table["settings"]):
+      group = [r for r in done if r["setting"] == s and any(key in m for m in r["metrics"])]
+      if not group:
+        continue
+      steps = sorted(set.intersection(*[{m["step"] for m in r["metrics"] if key in m} for r in group]))
+      ys = np.array([[{m["step"]: m[key] for m in r["metrics"] if key in m}[st] for st in steps] for r in group])
+      c = colours[i % len(colours)]
+      ax.plot(steps, ys.mean(0), color=c, lw=1.2, label=f"{s} ({len(group)} seeds)")
+      if len(group) > 1:
+        ax.fill_between(steps, ys.min(0), ys.max(0), color=c, alpha=0.25, lw=0)
+      drawn = True
+    if drawn:
+      ax.set_xlabel("step")
+      ax.set_ylabel(ylabel)
+      ax.set_title(title or f"{what}: mean over seeds, range shaded")
+      ax.legend(fontsize=7)
+      fig.tight_layout()
+      written.append(os.path.join(out_dir, name))
+      fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+  curves("loss", "training loss", "loss.png", "loss")
+  online = sorted({k for r in done for m in r["metrics"] for k in m if re.fullmatch(r"knn/k\d+/top1", k)},
+                  key=lambda k: int(k.split("/")[1][1:]))
+  if online:   # the online k-NN (eval.every_epochs), the largest k
+    curves(online[-1], f"k-NN top-1 (%), k = {online[-1].split('/')[1][1:]}", "knn_curve.png", "k-NN over training")
 
   knn = [m for m in table["metrics"] if m.startswith("knn")]
   if knn:
