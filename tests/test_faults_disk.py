@@ -55,6 +55,8 @@ def test_read_only_workdir_is_refused_before_training(tmp_path, mounts):
   ro = tmp_path / "ro"
   if not mounts(ro, "size=1m", "ro"):
     if os.geteuid() == 0:
+      # The fault needs a real read-only directory: root ignores chmod, so only a read-only mount makes one. Where
+      # root cannot mount (some containers) there is no real mechanism left; on this project's CI machine it mounts.
       pytest.skip("cannot mount a tmpfs here, and chmod does not stop root")
     os.makedirs(ro)
     os.chmod(ro, 0o555)
@@ -68,6 +70,8 @@ def test_read_only_workdir_is_refused_before_training(tmp_path, mounts):
 def test_full_disk_stops_at_the_save_with_one_paragraph_and_keeps_earlier_checkpoints(tmp_path, mounts):
   full = tmp_path / "full"
   if not mounts(full, "size=1400k"):
+    # A real full disk needs a size-limited filesystem (tmpfs, mounted by root); a mock would not test orbax's
+    # writes. Runs on this project's CI machine (root); skipped only where nothing can be mounted.
     pytest.skip("mounting a size-limited tmpfs needs root")
   r = _train(full / "run", "--config.max_steps=6")
   assert r.returncode == 1

@@ -95,7 +95,7 @@ def test_writers_without_tensorboard_and_wandb_error(tmp_path):
 
 
 def test_wandb_offline_run_is_resumed_by_its_workdir(tmp_path, monkeypatch):
-  pytest.importorskip("wandb")
+  pytest.importorskip("wandb")   # a dev requirement (requirements-dev.txt): installed wherever the suite runs
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
   c = recipe("quickstart", **{"log.tensorboard": False, "log.wandb_project": "dino_jax_test"})
