@@ -5,13 +5,20 @@ from the previous one. A checkpoint that is complete but cannot be read (a trunc
 to `<step>.corrupt-<time>` (never deleted) with a warning naming it and the error, and the next newest one is tried
 (`Checkpoints.restore`). A save that cannot be written (disk full, read-only directory) raises `SaveError` with the
 operating system's reason; the earlier checkpoints stay as they were. Resuming restores the data iterator too: a run resumed mid-epoch sees exactly the batches it
-would have seen. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
+would have seen.
+
+Saving costs the training loop a copy of the state on its own devices and nothing else (single-process runs): the
+copy is dispatched asynchronously like a step, the data position is read at once, and orbax's whole save (the
+device-to-host transfer, its bookkeeping, then the file writes) runs on a background thread while training goes on.
+Multi-process runs call orbax's save on the main thread (its barriers there are device collectives, which must not
+interleave with the training step's): they stall by orbax's synchronous part, the device-to-host copy included. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
 the differing keys named, since the parameters would not fit.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import concurrent.futures
 import dataclasses
 import errno
 import json
@@ -19,12 +26,19 @@ import logging
 import os
 import re
 import time
+import types
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+# The handler of each item of a checkpoint (the manager's registry, by item name).
+_HANDLERS = {"state": ocp.StandardCheckpointHandler, "config": ocp.JsonCheckpointHandler,
+             "data": grain.checkpoint.CheckpointHandler}
 
 # Keys whose change makes a checkpoint unusable (parameter shapes or the meaning of the state differ).
 _ARCH_KEYS = ("method", "model")
@@ -125,7 +139,12 @@ class Checkpoints:
   def __init__(self, directory, *, every_steps: int = 1000, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = max(int(every_steps), 1)
-    self._pending = None
+    self._pending = None   # the step of orbax's asynchronous save in flight (written by `_write`)
+    self._future = None    # the background thread's `_write` of the latest save
+    self._config_json = (None, None)
+    # Background saving only where orbax's barriers do not run device collectives (see the module docstring).
+    self.background = bool(async_save) and jax.process_count() == 1
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -137,7 +156,20 @@ class Checkpoints:
 
   def saved_config(self, step=None):
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return self._read(step, config=ocp.args.JsonRestore()).config
+
+  def _read(self, step, **items):
+    """The named items of checkpoint `step`, each read by its orbax item handler. Not `manager.restore`: it ends in
+    a barrier of all processes, which a process that failed to read would never reach, so the others would wait
+    forever; `newest_readable` gathers every process's outcome instead."""
+    out = {}
+    for name, args in items.items():
+      handler = _HANDLERS[name]()
+      try:
+        out[name] = handler.restore(epath.Path(self.directory) / str(step) / name, args=args)
+      finally:
+        handler.close()
+    return types.SimpleNamespace(**out)
 
   def restore(self, abstract_state, *, data_iterator=None, config=None, step=None):
     """Restore the latest (or given) step into the shapes/shardings of `abstract_state`; None if there is none.
@@ -148,36 +180,60 @@ class Checkpoints:
     """
     if step is not None:
       return self._restore_step(step, abstract_state, data_iterator, config)
+    return self.newest_readable(lambda candidate: self._restore_step(candidate, abstract_state, data_iterator,
+                                                                       config))
+
+  def newest_readable(self, read, *, move=True):
+    """`read(step)` of the newest checkpoint it succeeds on, or None if there is none.
+
+    Each one that fails gets a warning naming it and the error and, with `move`, is moved aside (`move_aside`).
+    RestoreError lists every one tried if none reads. With several processes, every process reads and all must
+    succeed on the same step (a flag gathered from each): a checkpoint one process cannot read is skipped by all,
+    so they never resume from different steps. `read` raising _ArchitectureMismatch stops the search (ValueError).
+    """
     tried = []
     for candidate in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self._restore_step(candidate, abstract_state, data_iterator, config)
+        value, error = read(candidate), None
       except _ArchitectureMismatch as e:
         raise ValueError(str(e)) from None
       except Exception as e:  # noqa: BLE001 (orbax, tensorstore and grain raise many kinds; each is reported)
-        moved = self.move_aside(candidate)
-        tried.append(f"{self.directory}/{candidate}: {_one_line(e)}" + (f" (moved to {moved})" if moved else ""))
-        logging.warning("checkpoint %s/%d cannot be read (%s); %s and trying the previous one", self.directory,
-                        candidate, _one_line(e), f"moved it to {moved}" if moved else "leaving it in place")
+        value, error = None, e
+      failed = _failed_processes(error is not None)
+      if not failed:
+        return value
+      reason = _one_line(error) if error is not None else f"process {', '.join(map(str, failed))} could not read it"
+      moved = self.move_aside(candidate) if move else None
+      tried.append(f"{self.directory}/{candidate}: {reason}" + (f" (moved to {moved})" if moved else ""))
+      logging.warning("checkpoint %s/%d cannot be read (%s); %s and trying the previous one", self.directory,
+                      candidate, reason, f"moved it to {moved}" if moved else "leaving it in place")
     if tried:
       raise RestoreError("no checkpoint of this run can be read; tried, newest first:\n  " + "\n  ".join(tried) +
-                         "\nThe unreadable ones were moved aside, not deleted. Rerunning the same command starts "
-                         "from scratch; to keep them, move them back or use another --workdir.")
+                         ("\nThe unreadable ones were moved aside, not deleted. Rerunning the same command starts "
+                          "from scratch; to keep them, move them back or use another --workdir." if move else ""))
     return None
 
   def move_aside(self, step):
     """Renames checkpoint `step` to `<step>.corrupt-<UTC time>` (outside orbax's step names: never listed, restored
     or deleted by it) and returns the new path; only process 0 renames (the directory is shared)."""
     src = os.path.join(self.directory, str(step))
-    dst = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    if jax.process_count() > 1:   # every process has given up on it, and all use process 0's name
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      stamp = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(stamp.encode(), np.uint8))).decode()
+    dst = f"{src}.corrupt-{stamp}"
+    moved = True
     if jax.process_index() == 0 and os.path.isdir(src):
       try:
         os.rename(src, dst)
       except OSError as e:
         logging.warning("could not move %s aside: %s", src, e)
-        return None
+        moved = False
+    if jax.process_count() > 1:   # the others look at the directory after the rename
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices(f"dino_jax_move_aside_{step}")
     self.manager.reload()
-    return dst
+    return dst if moved else None
 
   def _restore_step(self, step, abstract_state, data_iterator, config):
     if config is not None:
@@ -201,7 +257,7 @@ class Checkpoints:
         logging.warning("checkpoint %s/%d has no data position for process %d of %d: the input pipeline starts "
                         "from the beginning of the data stream", self.directory, step, jax.process_index(),
                         jax.process_count())
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._read(step, **items)
     logging.info("restored %s at step %d", self.directory, step)
     if not missing:
       return restored.state
@@ -228,42 +284,94 @@ class Checkpoints:
   def save(self, step: int, state, *, data_iterator=None, config=None, force: bool = False) -> bool:
     """Starts an asynchronous save of `step` when it is a multiple of `every_steps` or `force` (the last step, a
     stop request). Only those: orbax alone would also save the first step it sees, which the up-front
-    `check_writable` makes unnecessary. SaveError if this or the previous save could not be written."""
+    `check_writable` makes unnecessary. SaveError if an earlier save could not be written (or, for a synchronous
+    save, this one).
+
+    In the background (`self.background`), the state is first copied on its devices: the caller may donate `state`
+    to its next step while the copy is written."""
     if not (force or step % self.every_steps == 0):
       return False
+    self._raise_failed()
+    if self.background:
+      state = _device_copy(state)
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if data_iterator is not None:   # its position now, not when the background thread gets to it
+      items["data"] = grain.checkpoint.CheckpointSave(_Position(data_iterator))
     if config is not None:
-      items["config"] = ocp.args.JsonSave(config_to_dict(config))
-    with self._saving(step):
-      saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
-    self._pending = int(step)
-    return saved
+      if self._config_json[0] is not config:   # a run's config does not change: converted once
+        self._config_json = (config, config_to_dict(config))
+      items["config"] = ocp.args.JsonSave(self._config_json[1])
+    args = ocp.args.Composite(**items)
+    if self.background:
+      self._future = self._executor.submit(self._write, int(step), args)
+    else:
+      self._write(int(step), args)
+    return True
 
-  @contextlib.contextmanager
-  def _saving(self, step):
-    """Turns any error of orbax's save machinery (raised now, or by the previous asynchronous save) into SaveError."""
+  def _write(self, step, args):
+    """orbax's save of `step`: first the end of the previous asynchronous save, so that an error is charged to the
+    step it belongs to."""
+    self._finish_previous()
     try:
-      yield
-    except SaveError:
-      raise
+      self.manager.save(step, args=args, force=True)
     except Exception as e:  # noqa: BLE001
-      failed = self._pending if self._pending is not None else step
+      raise save_error(self.directory, step, e) from e
+    self._pending = step
+
+  def _finish_previous(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      failed, self._pending = self._pending, None
       raise save_error(self.directory, failed, e) from e
+    self._pending = None
+
+  def _raise_failed(self):
+    """Raise (once) the SaveError of the last background save, if it failed; wait for it to be handed to orbax."""
+    future, self._future = self._future, None
+    if future is not None:
+      future.result()
 
   def wait(self):
-    with self._saving(self._pending):
-      self.manager.wait_until_finished()
+    """Blocks until every save started is written; SaveError if one was not."""
+    self._raise_failed()
+    self._finish_previous()
 
   def close(self):
     try:
       self.wait()
     finally:
+      self._executor.shutdown(wait=True)
       try:
         self.manager.close()
       except Exception:  # noqa: BLE001 (a failed save was already reported by wait())
         logging.debug("closing the checkpoint manager", exc_info=True)
+
+
+class _Position:
+  """A data iterator's position read now, for a checkpoint written later (grain's handler calls `get_state()`)."""
+
+  def __init__(self, iterator):
+    state = iterator.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+@jax.jit
+def _device_copy(tree):
+  """A copy of `tree` in new buffers on the same devices and shardings."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _failed_processes(failed: bool) -> list[int]:
+  """The indices of the processes for which `failed` is true (this one's flag, gathered from every process)."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray([failed], np.int32))).reshape(-1)
+  return [i for i, f in enumerate(flags) if f]
 
 
 def check_writable(directory):
@@ -310,18 +418,32 @@ def complete_config(saved: dict) -> ml_collections.ConfigDict:
 
 def load_run(workdir, step=None):
   """(config, state) of a run's checkpoint (latest, or `step`), the state restored on this host's devices with the
-  shardings training uses. For evaluation, conversion and plots; training resumes through `Checkpoints.restore`."""
+  shardings training uses. For evaluation, conversion and plots; training resumes through `Checkpoints.restore`.
+
+  Without `step`, a latest checkpoint that cannot be read is reported and the previous one is used; it is left in
+  place (the run may still be writing beside this reader; resuming the run moves it aside)."""
   from dino_jax import state as state_lib  # noqa: PLC0415
   checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+
+  def read(at):
+    config = complete_config(checkpoints.saved_config(at))
+    return config, checkpoints.restore(state_lib.build_run(config).abstract, step=at)
+
   try:
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      if step not in checkpoints.manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint of step {step} in {workdir}/checkpoints; it holds steps "
+                                f"{checkpoints.manager.all_steps() or 'none'}")
+      try:
+        return read(step)
+      except Exception as e:  # noqa: BLE001
+        raise RestoreError(f"checkpoint {checkpoints.directory}/{step} cannot be read: {_one_line(e)}") from e
+    loaded = checkpoints.newest_readable(read, move=False)
+    if loaded is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    config = complete_config(checkpoints.saved_config(step))
-    state = checkpoints.restore(state_lib.build_run(config).abstract, step=step)
+    return loaded
   finally:
     checkpoints.close()
-  return config, state
 
 
 def abstract_like(tree):

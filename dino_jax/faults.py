@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -211,6 +212,23 @@ class PeerMonitor:
       except Exception:  # noqa: BLE001
         pass
 
+  def idle(self):
+    """No more training steps: the step timeout no longer applies (an evaluation may take long); peers are still
+    watched until `stop`."""
+    self._last_progress = None
+
+  @contextlib.contextmanager
+  def watching(self):
+    """Work after training (the evaluation) under the monitor: a collective that fails on a lost peer ends the
+    process with the paragraph (`fail`), and this process is marked done when the block ends, however it ends."""
+    try:
+      yield
+    except Exception as e:
+      self.fail(e)
+      raise
+    finally:
+      self.stop()
+
   def progress(self, step):
     """The training loop finished dispatching `step`."""
     self._last_step, self._last_progress = step, time.monotonic()
@@ -242,8 +260,9 @@ class PeerMonitor:
         elif value is not None and now - since > self.peer_timeout:
           self._die(f"process {p} stopped answering {now - since:.0f} s ago (killed, out of memory or its node "
                     f"lost)")
-      if self._last_progress is not None and now - self._last_progress > self.step_timeout:
-        self._die(f"no training step finished for {now - self._last_progress:.0f} s after step {self._last_step} "
+      last = self._last_progress   # read once: `idle()` may clear it meanwhile
+      if last is not None and now - last > self.step_timeout:
+        self._die(f"no training step finished for {now - last:.0f} s after step {self._last_step} "
                   f"(multihost.step_timeout_s={self.step_timeout:g}): a collective is hung, most likely on a dead "
                   f"or stuck peer")
 

@@ -138,21 +138,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
     if isinstance(e, Exception):
       monitor.fail(e)   # a collective failed on a dead peer: one paragraph and exit 1, no wait on barriers
+    monitor.stop()
     raise
   finally:
     profiler.stop(state)
-    monitor.stop()
+    monitor.idle()      # no more steps to time; peers are still watched through the evaluation
     bar.close()
     checkpoints.close()
     batches.close()
   if stop.requested and step < stop_at:
     faults.log_summary(bad_files.stop(), state)
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)
+    monitor.stop()
     writer.close()
     return {"train": last, "stopped_at": step}
 
   # ============ evaluation ============
   results = {"train": last}
+  with monitor.watching():
+    _evaluate(config, workdir, state, step, mesh, writer, results, is_main)
+  faults.log_summary(bad_files.stop(), state)
+  writer.close()
+  return results
+
+
+def _evaluate(config, workdir, state, step, mesh, writer, results, is_main):
+  """The end-of-run k-NN of the trained network (config.eval): eval.json, the table, the attention images."""
   if config.eval.test_source:
     from dino_jax.evaluate import run as eval_run  # noqa: PLC0415 (keeps training start-up light)
     results["eval"] = eval_run.evaluate_state(config, state, mesh=mesh, compare_random_init=config.eval.compare_random_init)
@@ -163,9 +174,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       from dino_jax import visualize_attention  # noqa: PLC0415
       writer.write_images(step, visualize_attention.writer_images(config, state))
     writer.write_scalars(step, writers.eval_scalars(results["eval"]), jsonl=False)
-  faults.log_summary(bad_files.stop(), state)
-  writer.close()
-  return results
 
 
 def main(argv):

@@ -62,13 +62,21 @@ def save_stall(a):
   step = jax.jit(steps.make_train_step(run), in_shardings=(run.shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(run.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  times, kinds = [], []
+  copies = []   # the bar the stall is held to: the state's device-to-host copy, timed alone
+  for _ in range(7):
+    t0 = time.perf_counter()
+    jax.device_get(state)
+    copies.append(time.perf_counter() - t0)
+  times, kinds, calls = [], [], []
   with tempfile.TemporaryDirectory() as tmp:
     checkpoints = ckpt_lib.Checkpoints(tmp, every_steps=a.save_every, keep=2)
     for i in range(1, a.steps + 1):
       t0 = time.perf_counter()
       state, _ = step(state, batch)
+      t1 = time.perf_counter()
       saving = checkpoints.save(i, state, config=config)
+      if saving:
+        calls.append(time.perf_counter() - t1)
       jax.block_until_ready(state)
       times.append(time.perf_counter() - t0)
       kinds.append("save" if saving else ("after" if kinds and kinds[-1] == "save" else "plain"))
@@ -79,7 +87,10 @@ def save_stall(a):
   return {"config": os.path.relpath(a.config, ROOT), "state_mb": state_bytes / 2**20, "steps": a.steps,
           "save_every": a.save_every, "step_ms_median": float(np.median(plain)),
           "save_step_ms_median": float(np.median(save)), "after_save_step_ms_median": float(np.median(after)),
-          "stall_ms_median": float(np.median(save) - np.median(plain)), "saves_timed": len(save)}
+          "stall_ms_median": float(np.median(save) - np.median(plain)), "saves_timed": len(save),
+          "device_to_host_ms_median": float(np.median(copies[1:]) * 1e3),
+          "save_call_ms_median": float(np.median(calls[1:]) * 1e3),
+          "background": checkpoints.background}
 
 
 def peer_exit_time():
@@ -131,6 +142,10 @@ def main():
            f"| step that starts an asynchronous save | {s['save_step_ms_median']:.1f} |",
            f"| step after it (files written in the background) | {s['after_save_step_ms_median']:.1f} |",
            f"| stall (save step - plain step) | {s['stall_ms_median']:.1f} |",
+           f"| the training loop blocked in `Checkpoints.save()` | {s['save_call_ms_median']:.1f} |",
+           f"| the state's device-to-host copy alone (`jax.device_get`) | {s['device_to_host_ms_median']:.1f} |",
+           "", "Orbax's save runs on a background thread" if s["background"] else
+           "Orbax's save runs on the main thread (multi-process)",
            ]
   if a.peer:
     p = out["peer_death"]

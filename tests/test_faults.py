@@ -1,9 +1,11 @@
 """Faults that must not cost a run, reproduced for real: damaged checkpoint files, unreadable images in every
 dataset of a run, a non-finite step under loss.on_nonfinite='skip'."""
 import dataclasses
+import errno
 import glob
 import logging
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,46 @@ def test_unreadable_checkpoints_are_moved_aside_newest_first(tmp_path, caplog):
   checkpoints.close()
 
 
+def test_a_background_save_holds_its_step_while_the_state_is_donated_to_the_next(tmp_path, monkeypatch):
+  """save() returns before orbax has even started (its save is held here); the caller donates the state to its next
+  step at once, as training does; the checkpoint still holds the values of the step saved."""
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path), every_steps=1, keep=5)
+  assert checkpoints.background
+  release, real = threading.Event(), checkpoints.manager.save
+  monkeypatch.setattr(checkpoints.manager, "save", lambda *a, **k: release.wait(60) and real(*a, **k))
+  state = jax.tree.map(jnp.asarray, _tree(1))
+  bump = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
+  assert checkpoints.save(1, state)
+  given = state
+  state = jax.block_until_ready(bump(state))
+  assert given["w"].is_deleted()              # its buffers went to the next step
+  assert checkpoints.latest_step() is None    # and nothing was written yet
+  release.set()
+  checkpoints.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(0))
+  restored = checkpoints.restore(abstract)
+  checkpoints.close()
+  for key in ("w", "b"):
+    np.testing.assert_array_equal(restored[key], _tree(1)[key])
+  np.testing.assert_array_equal(state["b"], _tree(1)["b"] + 1)
+
+
+def test_a_failed_background_save_stops_the_next_save_naming_its_step(tmp_path, monkeypatch):
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path), every_steps=1, keep=5)
+  checkpoints.save(1, _tree(1))
+  checkpoints.wait()
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "2"))
+
+  monkeypatch.setattr(checkpoints.manager, "save", full)
+  assert checkpoints.save(2, _tree(2))          # returns: the write fails on the background thread
+  with pytest.raises(ckpt_lib.SaveError, match=r"checkpoint of step 2 in .*No space left on device \(ENOSPC"):
+    checkpoints.save(3, _tree(3))
+  checkpoints.close()                            # reported once, not again on close
+  assert checkpoints.manager.all_steps() == [1]
+
+
 def _image_folder(root, n_per_class=24, size=32):
   """Two classes of noise images (the classes differ in brightness) plus an empty and a truncated JPEG."""
   rng = np.random.default_rng(0)
@@ -112,6 +154,17 @@ def test_bad_images_listed_once_and_a_damaged_checkpoint_resumes_from_the_previo
   first = run_metrics(workdir)
 
   _truncate_largest(str(workdir / "checkpoints" / "4"))
+  # Evaluation, conversion and plots (load_run): the latest that reads, the damaged one named and left in place
+  # (a reader must not move what the run may still be writing); an explicit step is read or refused, never replaced.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    _, latest = load_run(str(workdir))
+  assert int(latest.step) == 2 and f"checkpoint {workdir}/checkpoints/4 cannot be read" in caplog.text
+  assert os.path.isdir(workdir / "checkpoints" / "4") and not glob.glob(str(workdir / "checkpoints" / "4.corrupt-*"))
+  with pytest.raises(ckpt_lib.RestoreError, match=f"checkpoint {workdir}/checkpoints/4 cannot be read: "):
+    load_run(str(workdir), step=4)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 in .*it holds steps \[2, 4\]"):
+    load_run(str(workdir), step=3)
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(recipe("quickstart", max_steps=5, **{"data.source": folder, "eval.test_source": None}),

@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from tests.helpers import ROOT, run_metrics, run_state
 from tests.test_multihost import _env, _free_port
@@ -104,16 +105,22 @@ def test_killed_and_terminated_runs_restart_to_the_same_final_state(tmp_path):
   assert losses == {m["step"]: m["loss"] for m in run_metrics(straight)}
 
 
-def test_a_killed_peer_ends_the_survivor_with_a_message_in_bounded_time(tmp_path):
+@pytest.mark.parametrize("phase", ["training", "evaluation"])
+def test_a_killed_peer_ends_the_survivor_with_a_message_in_bounded_time(tmp_path, phase):
+  """Process 1 killed with SIGKILL while training, or during the end-of-run k-NN (after the last checkpoint)."""
   workdir = tmp_path / "pair"
   port = _free_port()
-  procs = [_launch(tmp_path, workdir, f"p{i}", 200, {
+  steps, evaluation = (200, ("--config.eval.test_source=",)) if phase == "training" else (6, (
+      "--config.eval.test_source=digits:test",))
+  procs = [_launch(tmp_path, workdir, f"p{i}", steps, {
       "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
-      (f"--config.multihost.heartbeat_timeout_s={HEARTBEAT_S}", "--config.block_each_step=True")) for i in range(2)]
+      (f"--config.multihost.heartbeat_timeout_s={HEARTBEAT_S}", "--config.block_each_step=True", *evaluation))
+           for i in range(2)]
   try:
-    # Both processes past a checkpoint, then process 1 dies without a word.
-    assert _wait_for(lambda: _steps_done(workdir) >= 5 and os.path.isdir(workdir / "checkpoints" / "4"), procs[0][0],
-                     poll=0.05)
+    # Both processes past a checkpoint (the last one: in the evaluation), then process 1 dies without a word.
+    past = 4 if phase == "training" else steps
+    assert _wait_for(lambda: _steps_done(workdir) >= past and os.path.isdir(workdir / "checkpoints" / str(past)) and
+                     (phase == "training" or not _writing(workdir)), procs[0][0], poll=0.05)
     procs[1][0].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     rc = procs[0][0].wait(timeout=60)
@@ -134,7 +141,9 @@ def test_a_killed_peer_ends_the_survivor_with_a_message_in_bounded_time(tmp_path
   assert "Check failure" not in out and "Fatal Python error" not in out
   # The last checkpoint it names is whole: it restores.
   step = int(message[0].split("checkpoint, step ")[1].split()[0])
-  assert int(run_state(workdir).step) == step >= 4
+  assert int(run_state(workdir).step) == step >= past
+  if phase == "evaluation":
+    assert not os.path.exists(workdir / "eval.json")
 
 
 MONITOR_ONLY = r"""
@@ -182,3 +191,36 @@ def test_a_frozen_peer_is_detected_by_the_heartbeat(tmp_path):
   assert "ERROR: process 0 of 2: process 1 stopped answering" in out and "no checkpoint had been written" in out
   assert "Check failure" not in out
   assert HEARTBEAT_S / 2 - 0.5 <= took <= BOUND_S + 3, (took, out[-2000:])
+
+
+def test_two_processes_resume_together_when_one_cannot_read_the_newest_checkpoint(tmp_path):
+  """Two jax.distributed processes: a run to step 4 (checkpoints 2 and 4), then process 1's part of checkpoint 4
+  (its data position) cut short, the same command again: process 0 reads 4 fine, process 1 cannot; their results are
+  gathered, so both skip 4 (never resuming from different steps), process 0 moves it aside once, both resume from 2
+  and redo steps 3 and 4 with the same losses."""
+  workdir = tmp_path / "pair"
+
+  def pair(name, max_steps):
+    port = _free_port()
+    procs = [_launch(tmp_path, workdir, f"{name}{i}", max_steps, {
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+        ("--config.block_each_step=True",)) for i in range(2)]
+    for proc, log in procs:
+      _finish(proc, log)
+    return [open(tmp_path / f"{name}{i}.log").read() for i in range(2)]
+
+  pair("first", 4)
+  first = run_metrics(workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  position = workdir / "checkpoints" / "4" / "data" / "process_1-of-2.json"
+  position.write_text(position.read_text()[:10])
+  p0, p1 = pair("again", 5)
+  assert f"checkpoint {workdir}/checkpoints/4 cannot be read (process 1 could not read it)" in p0, p0[-3000:]
+  assert f"checkpoint {workdir}/checkpoints/4 cannot be read (" in p1, p1[-3000:]
+  assert "resumed at step 2" in p0, p0[-3000:]
+  moved = [n for n in os.listdir(workdir / "checkpoints") if n.startswith("4.corrupt-")]
+  assert len(moved) == 1 and os.path.getsize(workdir / "checkpoints" / moved[0] / "data" / "process_1-of-2.json") == 10
+  again = run_metrics(workdir)[len(first):]
+  assert [m["step"] for m in again] == [3, 4, 5]
+  assert [m["loss"] for m in again[:2]] == [m["loss"] for m in first[2:4]]
+  assert int(run_state(workdir).step) == 5
