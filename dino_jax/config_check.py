@@ -126,6 +126,10 @@ def validate(config, *, device_count=None):
       one_of("data.crop_on", c.data.get("crop_on", "cpu"), ("cpu", "device")),
       one_of("crops.interpolation (data.crop_on='device')", cr.interpolation, ("bicubic", "bilinear"))
       if c.data.get("crop_on", "cpu") == "device" else None,
+      at_least("data.device_image_size", c.data.get("device_image_size", 512), cr.global_size if
+               _number(cr.global_size) else 1, "512; with data.crop_on='device', at least crops.global_size",
+               integer=True)
+      if c.data.get("crop_on", "cpu") == "device" else None,
       _source("data.source", c.data.source, required=True),
       _source("eval.train_source", c.eval.train_source, required=bool(c.eval.test_source)),
       _source("eval.test_source", c.eval.test_source, required=False),

@@ -82,3 +82,10 @@ def test_command_line_prints_the_problem_without_a_traceback(tmp_path):
   assert r.returncode == 1
   assert "config.optim.lr=-1.0: must be > 0" in r.stderr and "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_device_image_size_is_checked_where_crops_are_cut_on_the_device():
+  small = {"data.device_image_size": 8}   # below crops.global_size (16 in the test recipe)
+  config_check.validate(recipe("quickstart", **small))             # crop_on='cpu': the key is not used
+  with pytest.raises(config_check.ConfigError, match=r"config.data.device_image_size=8: must be an integer >= 16"):
+    config_check.validate(recipe("quickstart", **small, **{"data.crop_on": "device"}))
