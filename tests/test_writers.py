@@ -3,6 +3,7 @@ reader hold what metrics.jsonl holds; the online k-NN is logged at the configure
 checkpoint saved at that step, recomputed independently."""
 import importlib.util
 import os
+import time
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_writers_without_tensorboard_and_wandb_error(tmp_path):
 
 
 def test_wandb_offline_run_is_resumed_by_its_workdir(tmp_path, monkeypatch):
-  pytest.importorskip("wandb")   # a dev requirement (requirements-dev.txt): installed wherever the suite runs
+  import wandb  # noqa: F401, PLC0415 (a dev requirement: its absence fails this test)
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
   c = recipe("quickstart", **{"log.tensorboard": False, "log.wandb_project": "dino_jax_test"})
@@ -105,6 +106,8 @@ def test_wandb_offline_run_is_resumed_by_its_workdir(tmp_path, monkeypatch):
     w.write_scalars(step, {"loss": 1.0 / step})
     w.write_images(step, {"attention": np.full((8, 8, 3), 200, np.uint8)})
     w.close()
+    time.sleep(1.1)   # W&B names a run's directory offline-run-<date>_<hhmmss>-<id>: a resume in the same second
+    #                   would write into the first one's directory
   run_id = (tmp_path / "wandb_id").read_text()
   runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
   assert len(runs) == 2 and all(name.endswith("-" + run_id) for name in runs)   # both under the one W&B run id
