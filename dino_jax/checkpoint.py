@@ -10,14 +10,15 @@ would have seen.
 Saving costs the training loop a copy of the state on its own devices and nothing else (single-process runs): the
 copy is dispatched asynchronously like a step, the data position is read at once, and orbax's whole save (the
 device-to-host transfer, its bookkeeping, then the file writes) runs on a background thread while training goes on.
-Multi-process runs call orbax's save on the main thread (its barriers there are device collectives, which must not
-interleave with the training step's): they stall by orbax's synchronous part, the device-to-host copy included. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
+Several processes save in the background too when orbax's barriers go through the coordination service (turned on
+here; it needs absl's flags parsed, as under `python -m dino_jax.train`); otherwise orbax's barriers are device
+collectives, which must not interleave with the training step's, and its save runs on the main thread, stalling
+the step by orbax's synchronous part, the device-to-host copy included. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
 the differing keys named, since the parameters would not fit.
 """
 from __future__ import annotations
 
 import ast
-import contextlib
 import concurrent.futures
 import dataclasses
 import errno
@@ -29,6 +30,7 @@ import time
 import types
 
 import grain
+from absl import flags as absl_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,7 +145,9 @@ class Checkpoints:
     self._future = None    # the background thread's `_write` of the latest save
     self._config_json = (None, None)
     # Background saving only where orbax's barriers do not run device collectives (see the module docstring).
-    self.background = bool(async_save) and jax.process_count() == 1
+    self.background = bool(async_save) and (jax.process_count() == 1 or _distributed_barriers())
+    logging.info("checkpoints in %s: %s saves", self.directory,
+                 "background" if self.background else "asynchronous" if async_save else "synchronous")
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -363,6 +367,17 @@ class _Position:
 def _device_copy(tree):
   """A copy of `tree` in new buffers on the same devices and shardings."""
   return jax.tree.map(jnp.copy, tree)
+
+
+def _distributed_barriers() -> bool:
+  """Turns on orbax's barriers through the coordination service (its flag experimental_orbax_use_distributed_barrier)
+  in place of its default, a device collective; True if they are on. Off where absl's flags are not parsed (the
+  library used outside `absl.app.run`): orbax then reads its default."""
+  try:
+    absl_flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+    return bool(absl_flags.FLAGS.experimental_orbax_use_distributed_barrier)
+  except (AttributeError, absl_flags.Error):
+    return False
 
 
 def _failed_processes(failed: bool) -> list[int]:
