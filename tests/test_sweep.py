@@ -1,6 +1,7 @@
 """Sweeps: grid and sweep() expansion, workdir names, the collector's statistics against hand values, and real runs
 (dino_jax.train processes) through the local launcher and submitit's local executor: a half-finished sweep resumes,
 a finished run is skipped, and the same config and seed give bit-identical metrics from one process to the next."""
+import csv
 import json
 import os
 import shutil
@@ -53,6 +54,11 @@ def test_recipe_sweeps_and_their_saved_configs(tmp_path):
   assert runs[3].command[-1] == "--config.seed=3" and grid.status(runs[3].workdir) == "new"
   swav = plan(os.path.join(ROOT, "configs", "swav_quickstart.py"), str(tmp_path / "swav"), ["optim.lr=1e-3"])
   assert [os.path.basename(r.workdir) for r in swav] == [f"optim.lr=0.001,seed={s}" for s in range(3)]
+  round2 = plan(os.path.join(ROOT, "configs", "quickstart_search.py") + ":round2", str(tmp_path / "search"), [])
+  assert len(round2) == 2 and "epochs=120" in os.path.basename(round2[1].workdir)
+  saved = json.load(open(os.path.join(round2[1].workdir, "config.json")))
+  assert saved["epochs"] == 120 and saved["model"]["overrides"]["embed_dim"] == 128
+  assert saved["crops"]["global_scale"] == [0.8, 1.0]
 
 
 def _fake_run(sweep_dir, overrides, losses, knn, random_knn, pixels_knn, linear=None, online=None):
@@ -68,7 +74,7 @@ def _fake_run(sweep_dir, overrides, losses, knn, random_knn, pixels_knn, linear=
              "pixels": {"k=10": {"top1": pixels_knn}}}, open(os.path.join(d, "eval.json"), "w"))
   if linear is not None:
     json.dump({"teacher": {"top1": linear}}, open(os.path.join(d, "eval_linear.json"), "w"))
-  open(os.path.join(d, grid.DONE), "w").write("{}")
+  json.dump({"returncode": 0, "wall_s": 100.0 + len(losses)}, open(os.path.join(d, grid.DONE), "w"))
   return d
 
 
@@ -97,6 +103,9 @@ def test_collector_mean_std_and_interval_against_hand_values(tmp_path):
   assert md.count("raw pixels") == 1                                     # the same for every setting: one row
   paths = collect.write(table, str(tmp_path / "out"), "test")
   assert all(os.path.getsize(p) > 0 for p in paths)
+  runs = {row["run"]: row for row in csv.DictReader(open(tmp_path / "out" / "runs.csv"))}
+  assert runs["optim.lr=0.001,seed=0"]["wall s (last launch)"] == "102"            # from its done.json
+  assert runs["optim.lr=0.002,seed=1"]["wall s (last launch)"] == ""               # unfinished: none
   assert {"loss.png", "knn.png", "knn_curve.png"} <= {os.path.basename(p) for p in paths}   # k-NN over training
   merged = collect.read_metrics(os.path.join(s, "optim.lr=0.001,seed=2"))    # a step's two lines are one row
   assert merged == [{"step": 1, "loss": 9.0, "epoch": 1.0, "knn/k5/top1": 22.0},

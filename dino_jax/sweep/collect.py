@@ -62,7 +62,8 @@ def read_run(workdir: str) -> dict:
       values[(model, "linear")] = lin[model]["top1"]
   return {"workdir": workdir, "name": os.path.basename(workdir), "overrides": overrides,
           "setting": grid.run_name(grid.setting_of(overrides)), "seed": overrides.get(grid.SEED),
-          "status": grid.status(workdir), "values": values, "metrics": metrics}
+          "status": grid.status(workdir), "values": values, "metrics": metrics,
+          "wall_s": (_read_json(os.path.join(workdir, "done.json")) or {}).get("wall_s")}
 
 
 def summarize(xs) -> dict:
@@ -153,9 +154,10 @@ def write_runs_csv(table: dict, path: str):
   cols = sorted({key for r in table["runs"] for key in r["values"]}, key=lambda k: (k[0] != TRAINED, _metric_order(k[1])))
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["run", "setting", "seed", "status"] + [f"{m} {metric}" for m, metric in cols])
+    w.writerow(["run", "setting", "seed", "status", "wall s (last launch)"] + [f"{m} {metric}" for m, metric in cols])
     for r in table["runs"]:
-      w.writerow([r["name"], r["setting"], r["seed"], r["status"]] + [r["values"].get(c, "") for c in cols])
+      wall = "" if r.get("wall_s") is None else f"{r['wall_s']:.0f}"
+      w.writerow([r["name"], r["setting"], r["seed"], r["status"], wall] + [r["values"].get(c, "") for c in cols])
 
 
 def plot(table: dict, out_dir: str, title: str = "") -> list[str]:
