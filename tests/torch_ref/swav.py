@@ -49,7 +49,8 @@ class SwAVLossReference:
   """
 
   def __init__(self, nmb_crops, crops_for_assign=(0, 1), world_size=1, temperature=0.1, epsilon=0.05,
-               sinkhorn_iterations=3):
+               sinkhorn_iterations=3, sinkhorn=None):
+    self.sinkhorn = sinkhorn  # None: distributed_sinkhorn above; else the same signature (e.g. the official one)
     self.n_crops = int(np.sum(nmb_crops))
     self.crops_for_assign = list(crops_for_assign)
     self.world_size = world_size
@@ -59,10 +60,10 @@ class SwAVLossReference:
     self.queue = None  # list of per-rank [n_assign, queue_length // world, D] once started
     self.use_the_queue = [False] * world_size
 
-  def start_queue(self, queue_length, batch_size_per_gpu, feat_dim):
-    """What `main` does when `epoch >= epoch_queue_starts` and there is no queue yet."""
+  def start_queue(self, queue_length, batch_size_per_gpu, feat_dim, dtype=torch.float32):
+    """What `main` does when `epoch >= epoch_queue_starts` and there is no queue yet (`dtype`: the network's)."""
     queue_length -= queue_length % (batch_size_per_gpu * self.world_size)
-    self.queue = [torch.zeros(len(self.crops_for_assign), queue_length // self.world_size, feat_dim)
+    self.queue = [torch.zeros(len(self.crops_for_assign), queue_length // self.world_size, feat_dim, dtype=dtype)
                   for _ in range(self.world_size)]
 
   def new_epoch(self):
@@ -88,7 +89,8 @@ class SwAVLossReference:
             queue[i, bs:] = queue[i, :-bs].clone()
             queue[i, :bs] = embeddings[r][crop_id * bs: (crop_id + 1) * bs]
           outs.append(out)
-        qs = [q[-bs:] for q in distributed_sinkhorn(outs, self.epsilon, self.iterations)]
+        sinkhorn = self.sinkhorn or distributed_sinkhorn
+        qs = [q[-bs:] for q in sinkhorn(outs, self.epsilon, self.iterations)]
       for r in range(self.world_size):
         subloss = 0
         for v in np.delete(np.arange(self.n_crops), crop_id):
@@ -158,19 +160,21 @@ class Trainer:
 
   `model(groups)` takes a list of resolution groups (crops of equal size concatenated, in order) and returns
   (embedding, scores), e.g. `heads.MultiCropWrapper(resnet.ResNet50(swav=True), heads.SwAVHead(...))`; its
-  prototypes are `model.head.prototypes`.
+  prototypes are `model.head.prototypes` unless `prototypes` (the Linear) is given. `sinkhorn` replaces
+  distributed_sinkhorn (same signature).
   """
 
   def __init__(self, model, *, nmb_crops, batch_size, epochs, niter_per_ep, crops_for_assign=(0, 1), feat_dim=128,
                base_lr=4.8, final_lr=0.0, warmup_epochs=10, start_warmup=0.0, wd=1e-6, freeze_prototypes_niters=313,
                queue_length=0, epoch_queue_starts=15, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3,
-               momentum=0.9):
+               momentum=0.9, prototypes=None, sinkhorn=None):
     self.model = model.train()
     self.opt = LARC(torch.optim.SGD(model.parameters(), lr=base_lr, momentum=momentum, weight_decay=wd),
                     trust_coefficient=0.001, clip=False)
     self.lr = lr_schedule(base_lr, final_lr, epochs, niter_per_ep, warmup_epochs, start_warmup)
     self.loss = SwAVLossReference(nmb_crops, crops_for_assign, temperature=temperature, epsilon=epsilon,
-                                  sinkhorn_iterations=sinkhorn_iterations)
+                                  sinkhorn_iterations=sinkhorn_iterations, sinkhorn=sinkhorn)
+    self.prototypes = model.head.prototypes if prototypes is None else prototypes
     self.batch_size, self.niter_per_ep, self.feat_dim = batch_size, niter_per_ep, feat_dim
     self.queue_length, self.epoch_queue_starts = queue_length, epoch_queue_starts
     self.freeze = freeze_prototypes_niters
@@ -185,11 +189,11 @@ class Trainer:
     epoch, it = divmod(self.iteration, self.niter_per_ep)
     if it == 0:  # what `main` does between epochs, then `train` resets use_the_queue
       if self.queue_length > 0 and epoch >= self.epoch_queue_starts and self.loss.queue is None:
-        self.loss.start_queue(self.queue_length, self.batch_size, self.feat_dim)
+        self.loss.start_queue(self.queue_length, self.batch_size, self.feat_dim, self.prototypes.weight.dtype)
       self.loss.new_epoch()
     for group in self.opt.param_groups:
       group["lr"] = self.lr[self.iteration]
-    prototypes = self.model.head.prototypes
+    prototypes = self.prototypes
     with torch.no_grad():
       prototypes.weight.copy_(F.normalize(prototypes.weight.data.clone(), dim=1, p=2))
     sizes = [c.shape[-1] for c in crops]
