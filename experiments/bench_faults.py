@@ -1,7 +1,7 @@
 r"""What faults cost: the step time around an asynchronous checkpoint save, and how fast a survivor exits when its
 peer is killed.
 
-  python experiments/bench_faults.py [--config=configs/quickstart.py --steps=60 --save_every=5] [--peer]
+  python experiments/bench_faults.py [--config=configs/quickstart.py --steps=60 --save_every=5 --batch=N] [--peer]
 
 Save stall: the recipe's jitted train step on a fixed uint8 batch already on the device, each step blocked on, with
 `dino_jax.checkpoint.Checkpoints.save` (asynchronous, as training saves) every --save_every steps. Reported: the
@@ -38,6 +38,7 @@ def parse(argv=None):
   ap.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.py"))
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--save_every", type=int, default=5)
+  ap.add_argument("--batch", type=int, default=None, help="override the recipe's batch_size (e.g. 64 on one GPU)")
   ap.add_argument("--peer", action="store_true", help="also measure the exit time after a killed peer")
   ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
   return ap.parse_args(argv)
@@ -50,6 +51,8 @@ def save_stall(a):
   recipe = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(recipe)
   config = recipe.get_config()
+  if a.batch:
+    config.batch_size = a.batch
   mesh = sharding.make_mesh()
   run = state_lib.build_run(config, steps_per_epoch=100, mesh=mesh)
   state = jax.jit(run.init, out_shardings=run.shardings)()

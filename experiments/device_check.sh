@@ -88,4 +88,13 @@ else
   cp experiments/results/bench_memory_gpu.* "$LOG_DIR"/ 2>/dev/null   # only $OUT comes back from the device
 fi
 
-echo "device_check done in $(( SECONDS - START ))s; logs: $LOG_DIR$([ $SMOKE = 1 ] || echo "; results: experiments/results/bench_{train,memory}_gpu.{md,json}")"
+# ---- the step time around an asynchronous checkpoint save (ViT-S/16 DINO state on the GPU) ----------------------
+if [ $SMOKE = 1 ]; then
+  step faults 200 $PY experiments/bench_faults.py --steps=12 --save_every=4 --out="$LOG_DIR"
+else
+  step faults 90 $PY experiments/bench_faults.py --config=configs/dino_vit_small16.py --batch=64 --steps=40 \
+    --save_every=8 --out=experiments/results
+  cp experiments/results/bench_faults_gpu.* "$LOG_DIR"/ 2>/dev/null   # only $OUT comes back from the device
+fi
+
+echo "device_check done in $(( SECONDS - START ))s; logs: $LOG_DIR$([ $SMOKE = 1 ] || echo "; results: experiments/results/bench_{train,memory,faults}_gpu.{md,json}")"
