@@ -201,56 +201,34 @@ def dino_modules(official: str | None):
 
 
 class TorchDINO:
-  """The official DINO iteration (main_dino.py train_one_epoch, fp32, one process) on given augmented crops."""
+  """The official DINO iteration (main_dino.py train_one_epoch, fp32, one process) on given augmented crops:
+  tests/torch_ref/dino.py's Trainer driving the networks, loss and utilities of `mods`."""
 
   def __init__(self, mods, config, state_dict, steps_per_epoch):
     import torch  # noqa: PLC0415
-    m, o = config.model, config.optim
+    from tests.torch_ref import dino  # noqa: PLC0415
+    m, o, lo = config.model, config.optim, config.loss
     shape = dict(patch_size=m.patch_size, embed_dim=m.overrides["embed_dim"], depth=m.overrides["depth"],
                  num_heads=m.overrides["num_heads"], img_size=m.overrides["img_size"])
     head_kw = dict(use_bn=m.use_bn_in_head, nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
                    bottleneck_dim=m.head_bottleneck_dim)
     self.student = mods.wrapper(mods.vit(**shape), mods.head(shape["embed_dim"], m.out_dim,
                                                              norm_last_layer=m.norm_last_layer, **head_kw))
-    self.teacher = mods.wrapper(mods.vit(**shape), mods.head(shape["embed_dim"], m.out_dim, **head_kw))
+    teacher = mods.wrapper(mods.vit(**shape), mods.head(shape["embed_dim"], m.out_dim, **head_kw))
     self.student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
-    self.teacher.load_state_dict(self.student.state_dict())
-    for p in self.teacher.parameters():
-      p.requires_grad = False
-    ncrops = config.crops.global_number + config.crops.local_number
-    self.loss = mods.DINOLoss(m.out_dim, ncrops, config.loss.warmup_teacher_temp, config.loss.teacher_temp,
-                              config.loss.warmup_teacher_temp_epochs, config.epochs,
-                              student_temp=config.loss.student_temp, center_momentum=config.loss.center_momentum)
     assert o.name == "adamw", "the comparison drives AdamW (the quickstart's and DINO's default)"
-    self.opt = torch.optim.AdamW(mods.params_groups(self.student))
-    base = o.lr * config.batch_size / 256.0 if o.lr_scaling else o.lr
-    self.lr = mods.cosine_scheduler(base, o.min_lr, config.epochs, steps_per_epoch, warmup_epochs=o.warmup_epochs)
-    self.wd = mods.cosine_scheduler(o.weight_decay, o.weight_decay_end, config.epochs, steps_per_epoch)
-    self.mom = mods.cosine_scheduler(config.teacher_momentum, 1, config.epochs, steps_per_epoch)
-    self.mods, self.config, self.spe, self.it = mods, config, steps_per_epoch, 0
+    self.trainer = dino.Trainer(
+        self.student, teacher, out_dim=m.out_dim, ncrops=config.crops.global_number + config.crops.local_number,
+        epochs=config.epochs, niter_per_ep=steps_per_epoch, batch_size=config.batch_size, lr=o.lr, min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+        clip_grad=o.clip_grad, freeze_last_layer=o.freeze_last_layer, momentum_teacher=config.teacher_momentum,
+        warmup_teacher_temp=lo.warmup_teacher_temp, teacher_temp=lo.teacher_temp,
+        warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs, student_temp=lo.student_temp,
+        center_momentum=lo.center_momentum, lr_scaling=o.lr_scaling, pieces=mods)
 
   def step(self, crops):
-    import torch  # noqa: PLC0415
-    it, epoch = self.it, self.it // self.spe
-    for i, group in enumerate(self.opt.param_groups):
-      group["lr"] = self.lr[it]
-      if i == 0:
-        group["weight_decay"] = self.wd[it]
-    teacher_out = self.teacher(crops[:2])
-    student_out = self.student(crops)
-    loss = self.loss(student_out, teacher_out, epoch)
-    self.opt.zero_grad()
-    loss.backward()
-    if self.config.optim.clip_grad:
-      self.mods.clip_gradients(self.student, self.config.optim.clip_grad)
-    self.mods.cancel_gradients_last_layer(epoch, self.student, self.config.optim.freeze_last_layer)
-    self.opt.step()
-    with torch.no_grad():
-      m = self.mom[it]
-      for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
-        pt.data.mul_(m).add_((1 - m) * ps.detach().data)
-    self.it += 1
-    return {"loss": float(loss.detach()), "center": self.loss.center.numpy()[0].copy()}
+    loss = self.trainer.step(crops)
+    return {"loss": loss, "center": self.trainer.loss.center.numpy()[0].copy()}
 
   def weights(self):
     return {k: v.numpy() for k, v in self.student.state_dict().items()}

@@ -7,6 +7,8 @@ the EMA teacher. Only used by tests (torch is a dev dependency).
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,24 +116,29 @@ class Trainer:
   def __init__(self, student, teacher, *, out_dim, ncrops, epochs, niter_per_ep, batch_size, optimizer="adamw",
                lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
                freeze_last_layer=1, momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.04,
-               warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, momentum=0.9):
+               warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9, momentum=0.9, lr_scaling=True,
+               pieces=None):
+    """`pieces`: the official code's DINOLoss, params_groups, cosine_scheduler, clip_gradients and
+    cancel_gradients_last_layer by those names (experiments/compare_pytorch.py, from a clone); default: this file's."""
+    P = pieces if pieces is not None else REFERENCE
     self.student, self.teacher = student, teacher
     self.teacher.load_state_dict(self.student.state_dict())
     for p in self.teacher.parameters():
       p.requires_grad = False
-    self.loss = DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs,
-                         student_temp=student_temp, center_momentum=center_momentum)
-    groups = params_groups(student)
+    self.loss = P.DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs,
+                           student_temp=student_temp, center_momentum=center_momentum)
+    groups = P.params_groups(student)
     if optimizer == "adamw":
       self.opt = torch.optim.AdamW(groups)
     elif optimizer == "sgd":
       self.opt = torch.optim.SGD(groups, lr=0, momentum=momentum)
     else:
       self.opt = LARS(groups, momentum=momentum)
-    self.lr = cosine_scheduler(lr * batch_size / 256.0, min_lr, epochs, niter_per_ep, warmup_epochs=warmup_epochs)
-    self.wd = cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)
-    self.mom = cosine_scheduler(momentum_teacher, 1, epochs, niter_per_ep)
-    self.niter_per_ep, self.clip, self.freeze = niter_per_ep, clip_grad, freeze_last_layer
+    base = lr * batch_size / 256.0 if lr_scaling else lr
+    self.lr = P.cosine_scheduler(base, min_lr, epochs, niter_per_ep, warmup_epochs=warmup_epochs)
+    self.wd = P.cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)
+    self.mom = P.cosine_scheduler(momentum_teacher, 1, epochs, niter_per_ep)
+    self.niter_per_ep, self.clip, self.freeze, self.P = niter_per_ep, clip_grad, freeze_last_layer, P
     self.it = 0
 
   def step(self, images):
@@ -145,8 +152,8 @@ class Trainer:
     loss = self.loss(student_out, teacher_out, epoch)
     self.opt.zero_grad()
     loss.backward()
-    self.clipped = clip_gradients(self.student, self.clip) if self.clip else 0
-    cancel_gradients_last_layer(epoch, self.student, self.freeze)
+    self.clipped = self.P.clip_gradients(self.student, self.clip) if self.clip else 0
+    self.P.cancel_gradients_last_layer(epoch, self.student, self.freeze)
     self.opt.step()
     with torch.no_grad():
       m = self.mom[it]
@@ -154,3 +161,7 @@ class Trainer:
         pt.data.mul_(m).add_((1 - m) * ps.detach().data)
     self.it += 1
     return float(loss)
+
+
+REFERENCE = types.SimpleNamespace(DINOLoss=DINOLoss, params_groups=params_groups, cosine_scheduler=cosine_scheduler,
+                                  clip_gradients=clip_gradients, cancel_gradients_last_layer=cancel_gradients_last_layer)
