@@ -35,14 +35,7 @@ GIB = 2 ** 30
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--arch", default="vit_small")
-  ap.add_argument("--patch", type=int, default=16)
-  ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--global_size", type=int, default=224)
-  ap.add_argument("--local_size", type=int, default=96)
-  ap.add_argument("--local_number", type=int, default=8)
-  ap.add_argument("--out_dim", type=int, default=65536)
-  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  flops_lib.add_shape_args(ap)
   ap.add_argument("--remat", default="none,block,dots")
   ap.add_argument("--plain_loss", action="store_true", help="also measure remat=none with the autodiff loss")
   ap.add_argument("--compile", action="store_true", help="also the compiled step's memory_analysis() (GPU)")

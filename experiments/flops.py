@@ -75,3 +75,16 @@ def step_flops(config, remat=None):
   recompute = 0 if which is None else b * (n_g * g[which] + n_l * loc[which])
   return {"total": teacher + 3 * student + recompute, "forward_student": student, "forward_teacher": teacher,
           "recompute": recompute}
+
+
+def add_shape_args(ap):
+  """The shapes of the step a benchmark measures (bench_train.py, bench_memory.py): ViT-S/16 DINO at batch 64,
+  2 x 224 + 8 x 96 crops, 65,536 outputs, bf16 by default."""
+  ap.add_argument("--arch", default="vit_small")
+  ap.add_argument("--patch", type=int, default=16)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--global_size", type=int, default=224)
+  ap.add_argument("--local_size", type=int, default=96)
+  ap.add_argument("--local_number", type=int, default=8)
+  ap.add_argument("--out_dim", type=int, default=65536)
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
