@@ -68,7 +68,7 @@ def _writing(workdir):
 
 
 def test_killed_and_terminated_runs_restart_to_the_same_final_state(tmp_path):
-  total = 8
+  total = 24     # long enough that a kill 0-0.5 s after a relaunch's first step leaves steps to redo
   straight, chaos = tmp_path / "straight", tmp_path / "chaos"
   reference = _launch(tmp_path, straight, "straight", total)
   _finish(*reference)       # fills the compilation cache the restarts read
@@ -82,7 +82,7 @@ def test_killed_and_terminated_runs_restart_to_the_same_final_state(tmp_path):
       hit = _wait_for(lambda: _writing(chaos), proc)
     else:
       hit = _wait_for(lambda: _steps_done(chaos) > start, proc)
-      time.sleep(rng.uniform(0.0, 1.0))
+      time.sleep(rng.uniform(0.0, 0.5))
       hit = hit and proc.poll() is None
     if hit:
       proc.send_signal(sig)
@@ -93,6 +93,7 @@ def test_killed_and_terminated_runs_restart_to_the_same_final_state(tmp_path):
       # handler is gone and SIGTERM ends it (-15) with nothing left to lose; either ending is right.
       expect = (0, -signal.SIGTERM)
     _finish(proc, log, expect=expect)
+  print("signals (name, moment, metric lines so far):", events)
   assert [e[:2] for e in events] == [("SIGKILL", "save"), ("SIGKILL", "random"), ("SIGTERM", "random")], events
   if _steps_done(chaos) < total or int(run_state(chaos).step) < total:
     _finish(*_launch(tmp_path, chaos, "chaos_last", total))
