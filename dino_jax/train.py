@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +145,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     profiler.stop(state)
     monitor.idle()      # no more steps to time; peers are still watched through the evaluation
     bar.close()
-    checkpoints.close()
     batches.close()
+    try:
+      checkpoints.close()   # waits for the last background save: a failed one raises SaveError here
+    except BaseException:
+      writer.close()        # now, on the same full disk: not in tensorboardX's exit hook, with a traceback
+      monitor.stop()
+      raise
   if stop.requested and step < stop_at:
     faults.log_summary(bad_files.stop(), state)
     logging.warning("stopped at step %d on request; rerun the same command to resume", step)
@@ -185,6 +191,8 @@ def main(argv):
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (NonFiniteLoss, config_check.ConfigError, ckpt_lib.SaveError, ckpt_lib.RestoreError) as e:
+    if isinstance(e, ckpt_lib.SaveError):   # the failed save's pending writes, dropped at exit: not news
+      warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -162,7 +162,9 @@ class MultiWriter:
       w.write_images(step, images)
 
   def close(self):
-    for w in self.writers:
+    """Closes every writer, once (later calls do nothing)."""
+    writers, self.writers = self.writers, []
+    for w in writers:
       w.close()
 
 
