@@ -13,8 +13,10 @@ device-to-host transfer, its bookkeeping, then the file writes) runs on a backgr
 Several processes save in the background too when orbax's barriers go through the coordination service (turned on
 here; it needs absl's flags parsed, as under `python -m dino_jax.train`); otherwise orbax's barriers are device
 collectives, which must not interleave with the training step's, and its save runs on the main thread, stalling
-the step by orbax's synchronous part, the device-to-host copy included. The config of a checkpoint is kept as JSON; resuming with a different model section is refused with
-the differing keys named, since the parameters would not fit.
+the step by orbax's synchronous part, the device-to-host copy included.
+
+The config of a checkpoint is kept as JSON; resuming with a different model section is refused with the differing
+keys named, since the parameters would not fit.
 """
 from __future__ import annotations
 
@@ -148,7 +150,8 @@ class Checkpoints:
     self.background = bool(async_save) and (jax.process_count() == 1 or _distributed_barriers())
     logging.info("checkpoints in %s: %s saves", self.directory,
                  "background" if self.background else "asynchronous" if async_save else "synchronous")
-    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
+    self._executor = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
+                      if self.background else None)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -345,7 +348,8 @@ class Checkpoints:
     try:
       self.wait()
     finally:
-      self._executor.shutdown(wait=True)
+      if self._executor is not None:
+        self._executor.shutdown(wait=True)
       try:
         self.manager.close()
       except Exception:  # noqa: BLE001 (a failed save was already reported by wait())
