@@ -192,7 +192,9 @@ def test_a_frozen_peer_is_detected_by_the_heartbeat(tmp_path):
   assert rc == 1, out[-3000:]
   assert "ERROR: process 0 of 2: process 1 stopped answering" in out and "no checkpoint had been written" in out
   assert "Check failure" not in out
-  assert HEARTBEAT_S / 2 - 0.5 <= took <= BOUND_S + 3, (took, out[-2000:])
+  # Lower bound: the monitor times a silent peer from the last beat it saw, up to one 1 s poll before the SIGSTOP
+  # (measured once at 2.47 s in a clean-clone CI); the upper bound as documented.
+  assert HEARTBEAT_S / 2 - 1.5 <= took <= BOUND_S + 3, (took, out[-2000:])
 
 
 def test_two_processes_resume_together_when_one_cannot_read_the_newest_checkpoint(tmp_path):
